@@ -105,8 +105,10 @@ class DataConfig:
     eval_fraction: float = 0.1
     # Row format: "auto" (detected from the columns), "messages", "instruction", "prompt_completion" or "text".
     format: str = "auto"
-    # Rename columns before detection, e.g. {question: prompt, answer: completion}.
-    columns: dict[str, str] = field(default_factory=dict)
+    # Rename columns before detection, e.g. data.columns={question:prompt,answer:completion}. Typed Any (a mapping
+    # of old to new names, checked by the validator): Hydra can neither add keys to a typed dict from the command
+    # line nor merge a dict into a typed null.
+    columns: Any = None
     # Optional system message prepended to conversational rows.
     system_prompt: Optional[str] = None
     # Cap on training rows (null = all). For source=demo: how many rows to generate.
@@ -294,6 +296,10 @@ def validate(cfg: DictConfig) -> None:
                 p.append(f"data.{key}={val!r}: file not found (looked in {fp.resolve().parent}).")
             elif fp.suffix.lower() not in DATA_SUFFIXES:
                 p.append(f"data.{key}={val!r}: unsupported file type {fp.suffix!r}; use {', '.join(DATA_SUFFIXES)}.")
+    if d.columns is not None and not (OmegaConf.is_dict(d.columns)
+                                      and all(isinstance(v, str) for v in d.columns.values())):
+        p.append(f"data.columns={d.columns!r}: use a mapping of old to new column names, e.g. "
+                 "data.columns={question:prompt,answer:completion}.")
     if not 0.0 < d.eval_fraction < 1.0:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be between 0 and 1 (e.g. 0.1).")
     for key in ("max_train_samples", "max_eval_samples"):

@@ -206,4 +206,27 @@ def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str):
                         "Fix: check the hub id (and that you are online, or set HF_HUB_OFFLINE=1 with the model in the "
                         "HF cache), or pass a local folder.") from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    _disable_cpu_inference_repacking(model)
     return model
+
+
+# bitsandbytes 0.50.2 on CPUs with AVX512-BF16: the first forward of a Linear4bit in eval mode without grad
+# (generation, trainer.evaluate) permanently repacks its weight into a CPU inference layout, and from then on
+# matmul_4bit routes every call — training included — through gemv_4bit, which has no autograd kernel
+# (bitsandbytes/nn/modules.py Linear4bit.forward, autograd/_functions.py matmul_4bit): gradients stop flowing
+# through the frozen base layers and the adapter's gradients are silently wrong after any evaluation. The inverse
+# conversion is lossy too (it re-quantizes the double-quant statistics in bf16: measured max |Δw| 2e-4 on the tiny
+# model), so the base would no longer be the base. Hence the repacking is switched off for every model we build.
+
+
+def _linear4bit_modules(model) -> list:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def _disable_cpu_inference_repacking(model) -> None:
+    for m in _linear4bit_modules(model):
+        m.support_avx512bf16_for_cpu = False

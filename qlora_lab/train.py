@@ -183,12 +183,20 @@ def _task_metric(data_cfg: DictConfig, eval_ds) -> str | None:
 
 
 def _last_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint-N folder that was completely written (trainer_state.json is saved last)."""
+    """The newest checkpoint-N folder that was completely written, or None.
+
+    The Trainer writes trainer_state.json after the weights, optimizer and RNG state, so a folder without it
+    (a save interrupted by a crash or kill -9) is skipped with a warning.
+    """
     if not folder.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder))
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        if (ckpt / "trainer_state.json").is_file():
+            return str(ckpt)
+        log.warning("Skipping incomplete checkpoint %s (no trainer_state.json)", ckpt)
+    return None
 
 
 def _tokens_seen(checkpoint: str | None) -> int:

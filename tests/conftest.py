@@ -1,0 +1,51 @@
+"""Shared fixtures: compose train configs like the CLI does, and a tiny-model training run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from qlora_lab.config import register_configs
+from qlora_lab.train import CONF_DIR
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+register_configs()
+
+# Small but real training settings for the tiny random model: seconds per run.
+TINY = [
+    "model=tiny-random",
+    "data.max_train_samples=32",
+    "data.max_eval_samples=8",
+    "data.task_eval_samples=4",
+    "data.max_new_tokens=8",
+    "trainer.max_steps=3",
+    "trainer.per_device_train_batch_size=4",
+    "trainer.learning_rate=1e-3",
+    "trainer.logging_steps=1",
+    "trainer.eval_strategy=no",
+    "trainer.save_steps=2",
+]
+
+
+def compose_train(overrides: list[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """The train config the CLI would build for ``overrides`` (output_dir set since no Hydra run dir exists)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir) if output_dir else "/nonexistent-run-dir"
+    return cfg
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,129 @@
+"""Data loading: every format and file type, the demo task, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_lab import data, task
+from qlora_lab.errors import UserError
+from tests.conftest import compose_train
+
+DATA = Path(__file__).parent / "data"
+
+
+def load(path, *extra):
+    cfg = compose_train(["data=file", f"data.path={path}", *extra])
+    return data.load_splits(cfg.data)
+
+
+def test_prompt_completion_jsonl_becomes_conversational_with_holdout():
+    train, evals = load(DATA / "prompt_completion.jsonl", "data.eval_fraction=0.25")
+    assert (len(train), len(evals)) == (12, 4)
+    row = train[0]
+    assert row["prompt"][-1]["role"] == "user" and row["completion"] == [
+        {"role": "assistant", "content": row["completion"][0]["content"]}]
+    all_prompts = {r["prompt"][-1]["content"] for r in train} | {r["prompt"][-1]["content"] for r in evals}
+    assert len(all_prompts) == 16  # nothing lost, nothing duplicated between splits
+
+
+def test_messages_split_before_last_assistant_turn():
+    train, evals = load(DATA / "messages.jsonl", "data.eval_fraction=0.2")
+    row = (train.to_list() + evals.to_list())[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+    assert row["completion"][0]["role"] == "assistant"
+
+
+def test_instruction_json_joins_instruction_and_input():
+    train, evals = load(DATA / "instruction.json", "data.system_prompt=You reverse words.")
+    row = train[0]
+    assert row["prompt"][0] == {"role": "system", "content": "You reverse words."}
+    assert row["prompt"][1]["content"].startswith("Reverse the word.\n\n")
+    assert row["completion"][0]["content"] == row["prompt"][1]["content"].split("\n\n")[1][::-1]
+
+
+def test_csv_text_rows_stay_plain_text():
+    train, _ = load(DATA / "text.csv")
+    assert train.column_names == ["text"] and train[0]["text"].startswith("Line")
+
+
+def test_parquet_and_column_renames(tmp_path):
+    import pandas as pd
+
+    rows = [json.loads(l) for l in (DATA / "wrong_columns.jsonl").read_text().splitlines()]
+    pd.DataFrame(rows).to_parquet(tmp_path / "qa.parquet")
+    train, evals = load(tmp_path / "qa.parquet", "data.columns={question:prompt,answer:completion}")
+    assert len(train) + len(evals) == 16 and "prompt" in train.column_names
+
+
+def test_explicit_eval_path_is_used_as_is():
+    train, evals = load(DATA / "prompt_completion.jsonl", f"data.eval_path={DATA / 'prompt_completion.jsonl'}")
+    assert len(train) == 16 and len(evals) == 16
+
+
+def test_malformed_jsonl_names_the_line():
+    with pytest.raises(UserError, match=r"malformed\.jsonl:3: malformed JSON"):
+        load(DATA / "malformed.jsonl")
+
+
+def test_wrong_columns_lists_what_was_found_and_the_fix():
+    with pytest.raises(UserError) as e:
+        load(DATA / "wrong_columns.jsonl")
+    assert "['answer', 'question']" in str(e.value) and "data.columns" in str(e.value)
+
+
+def test_forced_format_with_missing_columns():
+    with pytest.raises(UserError, match=r"data.format=messages needs column\(s\) \['messages'\]"):
+        load(DATA / "prompt_completion.jsonl", "data.format=messages")
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"prompt": "", "completion": "x"}, "field 'prompt' must be a non-empty string"),
+    ({"prompt": "q", "completion": 3}, "field 'completion' must be a non-empty string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "last message must be the assistant"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be"),
+])
+def test_bad_rows_name_row_and_field(tmp_path, row, needle):
+    path = tmp_path / "d.jsonl"
+    good = {"prompt": "q", "completion": "a"} if "prompt" in row else {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError) as e:
+        load(path)
+    assert needle in str(e.value) and "row 2" in str(e.value)
+
+
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="holds no rows"):
+        load(tmp_path / "empty.jsonl")
+
+
+def test_demo_task_is_deterministic_and_heldout_vocabulary_is_disjoint():
+    assert task.demo_rows(20, "train") == task.demo_rows(20, "train")
+    train, evals = task.demo_rows(300, "train"), task.demo_rows(100, "eval")
+    names = lambda rows: {json.loads(r["completion"])["name"] for r in rows}  # noqa: E731
+    cities = lambda rows: {json.loads(r["completion"])["city"] for r in rows}  # noqa: E731
+    assert not names(train) & names(evals) and not cities(train) & cities(evals)
+    for r in evals[:20]:  # every fact of the answer is stated in the prompt
+        fact = json.loads(r["completion"])
+        assert all(str(v) in r["prompt"] for v in fact.values())
+
+
+def test_demo_splits_through_the_loader():
+    cfg = compose_train(["data.max_train_samples=10", "data.max_eval_samples=5"])
+    train, evals = data.load_splits(cfg.data)
+    assert (len(train), len(evals)) == (10, 5)
+
+
+@pytest.mark.parametrize("answer, ok", [
+    ('{"name": "Ana", "age": 30}', True),
+    ('  {"age": 30, "name": "Ana"}\n', True),  # key order and whitespace do not matter
+    ('{"name": "Ana", "age": "30"}', False),  # but types do
+    ('Sure! {"name": "Ana", "age": 30}', False),  # and so does the exact format
+    ('', False),
+])
+def test_json_match(answer, ok):
+    assert task.score_answer("json_match", answer, '{"name": "Ana", "age": 30}') is ok
