@@ -1,0 +1,89 @@
+"""The command line as a user runs it: one clear message and a non-zero exit for bad input, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+TINY_CLI = ["model=tiny-random", "data.max_train_samples=16", "data.max_eval_samples=4", "data.task_eval_samples=2",
+            "data.max_new_tokens=4", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
+            "trainer.eval_strategy=no"]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "qlora_lab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+    for needle in needles:
+        assert needle in out, (needle, out[-2000:])
+
+
+def test_usage_and_unknown_command():
+    assert run_cli("--help").returncode == 0
+    assert_clean_failure(run_cli("trian"), "unknown command 'trian'")
+
+
+@pytest.mark.integration
+def test_train_writes_a_complete_run_dir(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", *TINY_CLI, f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "qlora_lab run report" in proc.stdout
+    assert (run / ".hydra/config.yaml").is_file() and (run / "adapter/adapter_model.safetensors").is_file()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+    assert not list(run.glob(".*tmp*")), "temporary folders left behind"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model'", "no such folder"]),
+    (["data=file", f"data.path={DATA}/missing.jsonl"], ["missing.jsonl", "file not found"]),
+    (["data=file"], ["data.path is required"]),
+    (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
+])
+def test_config_errors(tmp_path, args, needles):
+    run = tmp_path / "run"
+    assert_clean_failure(run_cli("train", *TINY_CLI, *args, f"hydra.run.dir={run}"), "error:", *needles)
+    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+
+
+@pytest.mark.parametrize("file, needles", [
+    ("malformed.jsonl", ["malformed.jsonl:3: malformed JSON"]),
+    ("wrong_columns.jsonl", ["cannot tell the data format", "['answer', 'question']", "data.columns"]),
+])
+def test_data_errors(tmp_path, file, needles):
+    run = tmp_path / "run"
+    assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / file}",
+                                 f"hydra.run.dir={run}"), *needles)
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("trainer.max_steps=abc", ["trainer.max_steps=abc", "could not be converted to Integer"]),
+    ("trainer.learning_rte=1e-4", ["learning_rte"]),
+    ("adapter=lorra", ["lorra", "Available options"]),
+])
+def test_bad_overrides(tmp_path, override, needles):
+    assert_clean_failure(run_cli("train", override, f"hydra.run.dir={tmp_path}/run"), *needles, code=1)
+
+
+def test_a_failed_rerun_keeps_the_earlier_results(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"status": "completed"}')
+    assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}",
+                                 f"hydra.run.dir={run}"), "malformed")
+    assert json.loads((run / "metrics.json").read_text()) == {"status": "completed"}
