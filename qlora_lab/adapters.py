@@ -1,47 +1,128 @@
-"""PEFT adapters: build the ``peft`` config for the ``adapter`` group and check what is trainable."""
+"""PEFT adapters: the ``peft`` config for the ``adapter`` group, initialisations that need the built model, and
+the check that only adapter weights train."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+from omegaconf import DictConfig
 
 from qlora_lab.errors import UserError
 
+log = logging.getLogger(__name__)
+
+# substrings of parameter names that belong to each kind of adapter
+ADAPTER_PARAM_KEYS = ("lora_", "ia3_", "prompt_encoder", "modules_to_save")
+
 
 def build_peft_config(cfg: DictConfig):
-    """The peft config for ``cfg`` (the ``adapter`` group); SFTTrainer wraps the model with it."""
-    from peft import LoraConfig, TaskType
+    """The peft config for ``cfg`` (the ``adapter`` group), or None for method=full. SFTTrainer applies it."""
+    import peft
+    from peft import TaskType
 
+    task = TaskType.CAUSAL_LM
+    save = list(cfg.modules_to_save) or None
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    if cfg.method == "full":
+        return None
     if cfg.method == "lora":
-        target = cfg.target_modules
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=cfg.r,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=target if isinstance(target, str) else list(target),
-            bias=cfg.bias,
-            use_rslora=cfg.use_rslora,
-            use_dora=cfg.use_dora,
-            modules_to_save=list(cfg.modules_to_save) or None,
+        init = cfg.init
+        return peft.LoraConfig(
+            task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=save,
+            # LoftQ is applied after quantized loading (see apply_post_init); peft's own init="loftq" path needs an
+            # unquantized model and overwrites its base weights.
+            init_lora_weights=True if init in ("default", "loftq") else init,
         )
+    if cfg.method == "prefix":
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
+                                       prefix_projection=cfg.prefix_projection, modules_to_save=save)
+    if cfg.method == "prompt":
+        text = cfg.prompt_init_text
+        return peft.PromptTuningConfig(
+            task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=save,
+            prompt_tuning_init=peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM,
+            prompt_tuning_init_text=text,
+        )
+    if cfg.method == "ptuning":
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
+                                        encoder_hidden_size=cfg.encoder_hidden_size, modules_to_save=save)
+    if cfg.method == "ia3":
+        ff = cfg.feedforward_modules
+        return peft.IA3Config(task_type=task, target_modules=targets, modules_to_save=save,
+                              feedforward_modules=None if ff is None else (ff if isinstance(ff, str) else list(ff)))
     raise UserError(f"adapter.method={cfg.method!r} is not supported.")
 
 
-def check_only_adapter_trainable(model) -> tuple[int, int]:
-    """Raise unless every trainable parameter belongs to the adapter; return peft's (trainable, total) counts."""
-    stray = [n for n, p in model.named_parameters() if p.requires_grad and not _is_adapter_param(n, model)]
+def is_merge_free_init(cfg: DictConfig) -> bool:
+    """PiSSA and OLoRA move part of the base weights into the adapter at init (the base is then a residual)."""
+    return cfg.method == "lora" and (cfg.init.startswith("pissa") or cfg.init == "olora")
+
+
+def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
+    """Initialisations that need the wrapped, quantized model: LoftQ via peft's replace_lora_weights_loftq."""
+    if not (cfg.method == "lora" and cfg.init == "loftq"):
+        return
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+
+    weights = Path(model_path) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"adapter.init=loftq needs the base's full-precision weights as one local safetensors file; "
+                        f"{weights} does not exist (sharded or hub checkpoints: download and merge the shards, or "
+                        "use adapter.init=default / olora).")
+    log.info("LoftQ: initialising LoRA from the quantization error of every adapted layer (%d iteration(s))",
+             cfg.loftq_iter)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(cfg.loftq_iter):
+        replace_lora_weights_loftq(model, model_path=str(weights))
+    for n, p in model.named_parameters():  # keep the dtype the trainer chose for the adapter
+        if n in dtypes and p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
+
+
+def save_initial_adapter(cfg: DictConfig, model, folder: Path) -> Path | None:
+    """For PiSSA/OLoRA, save the adapter as initialised, so the final one can be converted to plain LoRA."""
+    if not is_merge_free_init(cfg):
+        return None
+    init_dir = folder / "adapter_init"
+    if (init_dir / "adapter_config.json").is_file():  # resuming: the original init is already on disk
+        return init_dir
+    pcfg = model.peft_config["default"]
+    original = pcfg.init_lora_weights
+    pcfg.init_lora_weights = True  # peft requires this marker on the initial save (see its PiSSA docs)
+    try:
+        model.save_pretrained(init_dir)
+    finally:
+        pcfg.init_lora_weights = original
+    return init_dir
+
+
+def save_adapter(cfg: DictConfig, model, folder: Path, initial: Path | None) -> None:
+    """Save the trained adapter; PiSSA/OLoRA are converted so that they apply to the original base model."""
+    if initial is not None:
+        # peft turns the residual-based adapter into an equivalent rank-2r LoRA on the untouched base weights.
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial))
+    else:
+        model.save_pretrained(folder)
+
+
+def check_only_adapter_trainable(cfg: DictConfig, model) -> tuple[int, int]:
+    """Raise unless every trainable parameter belongs to the adapter; return (trainable, total) counts."""
+    if cfg.method == "full":
+        total = sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    keys = ADAPTER_PARAM_KEYS + (("bias",) if getattr(cfg, "bias", "none") != "none" else ())
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and not any(k in n for k in keys)]
     if stray:
-        raise RuntimeError(f"base-model parameters are trainable, which QLoRA must never do: {stray[:5]}")
+        raise RuntimeError(f"base-model parameters are trainable, which an adapter run must never do: {stray[:5]}")
     return model.get_nb_trainable_parameters()
 
 
-def _is_adapter_param(name: str, model) -> bool:
-    cfg = model.peft_config[model.active_adapter]
-    keys = ["lora_", "modules_to_save", "prompt_encoder"]
-    if getattr(cfg, "bias", "none") != "none":
-        keys.append("bias")
-    return any(k in name for k in keys)
-
-
-def adapter_summary(cfg: DictConfig) -> str:
-    return ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(cfg).items())
+def base_model_only(cfg: DictConfig, model):
+    """Context in which ``model`` behaves as the base model (adapter off); a no-op for full fine-tuning."""
+    if cfg.method == "full" or is_merge_free_init(cfg):
+        # PiSSA/OLoRA: disabling the adapter would leave only the residual; at init, residual + adapter is the base.
+        return nullcontext()
+    return model.disable_adapter()

@@ -65,9 +65,10 @@ class QuantConfig:
 
 @dataclass
 class AdapterConfig:
-    """The PEFT adapter; only its weights are trained."""
+    """The PEFT adapter; only its weights are trained (or, with method=full, every weight)."""
 
-    # "lora" (the LoRA family: see use_rslora / use_dora) — more methods arrive with their presets.
+    # "lora" (LoRA family: see use_rslora, use_dora, init), "prefix" (prefix tuning), "prompt" (prompt tuning),
+    # "ptuning" (p-tuning), "ia3", or "full" (no adapter: every weight trains; needs quant=none).
     method: str = "lora"
     # LoRA rank.
     r: int = 16
@@ -75,16 +76,32 @@ class AdapterConfig:
     alpha: int = 32
     # Dropout on the LoRA input.
     dropout: float = 0.05
-    # Modules to adapt: "all-linear" (every linear layer but the LM head) or a list of module names.
+    # Modules to adapt (lora, ia3): "all-linear" (every linear layer but the LM head) or a list of module names.
     target_modules: Any = "all-linear"
-    # Bias training: "none", "all" or "lora_only".
+    # Bias training (lora): "none", "all" or "lora_only".
     bias: str = "none"
-    # Rank-stabilised LoRA scaling alpha / sqrt(r).
+    # Rank-stabilised LoRA: scale alpha / sqrt(r), so higher ranks keep learning.
     use_rslora: bool = False
-    # Weight-decomposed LoRA (DoRA).
+    # Weight-decomposed LoRA (DoRA): trains a magnitude vector besides the low-rank direction.
     use_dora: bool = False
+    # LoRA initialisation: "default" (B = 0), "gaussian", "pissa" / "pissa_niter_4" (principal singular vectors;
+    # moves them out of the base, needs quant=none), "olora" (QR-based; works on 4-bit), "loftq" (LoRA initialised
+    # to cancel the 4-bit quantization error; needs a 4-bit quant and the base's safetensors).
+    init: str = "default"
+    # LoftQ alternating steps (init=loftq).
+    loftq_iter: int = 1
     # Extra modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty for none.
     modules_to_save: list[str] = field(default_factory=list)
+    # Prompt-learning methods (prefix, prompt, ptuning): number of virtual tokens.
+    num_virtual_tokens: int = 16
+    # Prompt tuning: initialise the virtual tokens from this text (null = random).
+    prompt_init_text: Optional[str] = None
+    # Prefix tuning: reparameterise the prefix through an MLP (more parameters, often more stable).
+    prefix_projection: bool = False
+    # P-tuning: hidden size of the prompt encoder MLP.
+    encoder_hidden_size: int = 128
+    # IA3: which of target_modules are feed-forward layers (scaled on their input); null = peft's per-model default.
+    feedforward_modules: Any = None
 
 
 @dataclass
@@ -228,7 +245,8 @@ def register_configs() -> None:
 # validation
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
-ADAPTER_METHODS = ("lora",)
+ADAPTER_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "full")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 DATA_SOURCES = ("demo", "file", "hub")
 DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
 TASK_METRICS = ("auto", "json_match", "exact_match", "none")
@@ -236,6 +254,12 @@ LOSS_IMPLS = ("auto", "native", "fused")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _choice(problems: list[str], key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -267,17 +291,52 @@ def validate(cfg: DictConfig) -> None:
 
     # adapter
     _choice(p, "adapter.method", a.method, ADAPTER_METHODS)
-    if a.r < 1:
-        p.append(f"adapter.r={a.r}: the rank must be >= 1 (typical: 8-64).")
-    if a.alpha <= 0:
-        p.append(f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x adapter.r).")
-    if not 0.0 <= a.dropout < 1.0:
-        p.append(f"adapter.dropout={a.dropout}: must be in [0, 1).")
-    if a.bias not in ("none", "all", "lora_only"):
-        p.append(f"adapter.bias={a.bias!r}: use 'none', 'all' or 'lora_only'.")
-    tm = a.target_modules
-    if not (tm == "all-linear" or (OmegaConf.is_list(tm) and len(tm) > 0)):
-        p.append(f"adapter.target_modules={tm!r}: use 'all-linear' or a non-empty list such as [q_proj,v_proj].")
+    quantized = q.method != "none"
+    if a.method == "lora":
+        if a.r < 1:
+            p.append(f"adapter.r={a.r}: the rank must be >= 1 (typical: 8-64).")
+        if a.alpha <= 0:
+            p.append(f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x adapter.r).")
+        if not 0.0 <= a.dropout < 1.0:
+            p.append(f"adapter.dropout={a.dropout}: must be in [0, 1).")
+        if a.bias not in ("none", "all", "lora_only"):
+            p.append(f"adapter.bias={a.bias!r}: use 'none', 'all' or 'lora_only'.")
+        init = str(a.init)
+        if not (init in LORA_INITS or init.startswith("pissa_niter_")):
+            _choice(p, "adapter.init", init, LORA_INITS)
+        if init.startswith("pissa") and quantized:
+            p.append(f"adapter.init={init} with quant.method={q.method}: PiSSA moves the principal components out of "
+                     "the base weights, which it cannot do to quantized weights. Use quant=none, or "
+                     "adapter.init=loftq for a quantization-aware start.")
+        if init == "olora" and quantized:
+            # peft can OLoRA-initialise a 4-bit layer, but only by re-quantizing the residual base; the adapter then
+            # fits that residual, and no adapter file can carry it back to the original base (measured: max |Δlogit|
+            # 0.1 after conversion on the tiny model), so the saved result would not be the trained model.
+            p.append(f"adapter.init=olora with quant.method={q.method}: OLoRA rewrites the base weights as a residual, "
+                     "which a quantized base can only hold re-quantized, so the saved adapter would not reproduce the "
+                     "trained model on the original base. Use quant=none, or adapter.init=loftq.")
+        if init == "loftq" and q.method not in ("nf4", "fp4"):
+            p.append(f"adapter.init=loftq with quant.method={q.method}: LoftQ initialises LoRA to cancel the 4-bit "
+                     "quantization error, so it needs quant=nf4 or quant=fp4 (and the base's full-precision "
+                     "safetensors). Without quantization use adapter.init=default or pissa.")
+        elif init == "loftq" and not _has_cuda():
+            p.append("adapter.init=loftq needs a CUDA (or XPU) device: peft's LoftQ computes its SVDs there "
+                     "(peft/utils/loftq_utils.py hard-codes the compute device). On CPU use adapter.init=default.")
+        if init in ("loftq", "pissa", "olora") and a.use_dora:
+            p.append(f"adapter.init={init} with adapter.use_dora=true: peft does not combine them; pick one.")
+    if a.method in ("lora", "ia3"):
+        tm = a.target_modules
+        if not (tm == "all-linear" or (OmegaConf.is_list(tm) and len(tm) > 0)):
+            p.append(f"adapter.target_modules={tm!r}: use 'all-linear' or a non-empty list such as [q_proj,v_proj].")
+    if a.method in ("prefix", "prompt", "ptuning") and a.num_virtual_tokens < 1:
+        p.append(f"adapter.num_virtual_tokens={a.num_virtual_tokens}: must be >= 1 (typical: 8-32).")
+    if a.method == "prefix" and (t.activation_checkpointing or t.gradient_checkpointing):
+        p.append("adapter=prefix with activation (gradient) checkpointing: transformers' checkpointed decoder layers "
+                 "drop the cache that carries peft's prefix while the attention mask still counts it (size mismatch "
+                 "by num_virtual_tokens). Set trainer.activation_checkpointing=false, or use adapter=prompt.")
+    if a.method == "full" and quantized:
+        p.append(f"adapter=full with quant.method={q.method}: quantized weights cannot be trained directly. Use "
+                 "quant=none for full fine-tuning, or keep the quantization with adapter=lora (QLoRA).")
 
     # data
     _choice(p, "data.source", d.source, DATA_SOURCES)

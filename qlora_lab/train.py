@@ -51,15 +51,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = models.build_tokenizer(cfg.model, model_path)
     model = models.build_model(cfg.model, cfg.quant, model_path)
     trainer = _build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
-    trainable, total = adapters.check_only_adapter_trainable(trainer.model)
-    log.info("Trainable parameters: %s of %s (%.3f%%) — adapter only", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
+    initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir)
+    trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
+    log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             "" if cfg.adapter.method == "full" else " — adapter only")
 
     # ---- before: the base model alone (adapter disabled)
     metrics: dict[str, Any] = {"status": "running"}
     resume = _last_checkpoint(run_dir / "checkpoints")
     if cfg.score_before and metric and resume is None:
-        with trainer.model.disable_adapter():
+        with adapters.base_model_only(cfg.adapter, trainer.model):
             before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
             metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="before")["before_loss"]
         metrics["task_score_before"] = before["score"]
@@ -83,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- save: adapter first, metrics last (their presence marks a complete run)
     with atomic_dir(run_dir / "adapter") as tmp:
-        trainer.model.save_pretrained(tmp)
+        adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter)
         tokenizer.save_pretrained(tmp)
     metrics.update(
         status="completed",
@@ -122,6 +124,8 @@ def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
     native = cfg.loss == "native" or (cfg.loss == "auto" and not torch.cuda.is_available())
     trainer_cls = _native_loss_trainer_cls() if native else SFTTrainer
+    if cfg.adapter.method == "full":
+        model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
     return trainer_cls(
         model=model,
         args=args,
