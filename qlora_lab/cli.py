@@ -9,6 +9,8 @@ import sys
 # command -> module whose `main` is the command's @hydra.main shell
 COMMANDS = {
     "train": ("qlora_lab.train", "fine-tune an adapter (conf/train.yaml)"),
+    "merge": ("qlora_lab.merge", "merge a run's adapter into a standalone model (conf/merge.yaml)"),
+    "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
 }
 
 USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \

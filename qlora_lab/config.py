@@ -235,10 +235,53 @@ class TrainRunConfig:
     loss: str = "auto"
 
 
+@dataclass
+class MergeRunConfig:
+    """Primary config of `qlora-lab merge` (conf/merge.yaml)."""
+
+    # The run directory of a completed `qlora-lab train` (holds .hydra/, adapter/, metrics.json).
+    run: str = MISSING
+    # Where to write the merged model; null = <run>/merged. Written to a temp folder and renamed when complete.
+    out: Optional[str] = None
+    # Base weights the adapter is merged into: "original" (the checkpoint's own weights), "nf4_roundtrip" (the
+    # base quantized and dequantized exactly as in training — what the adapter actually saw), or "auto"
+    # (nf4_roundtrip for 4-bit runs, original otherwise; see README for the measured difference).
+    base: str = "auto"
+    # dtype of the saved weights: "bfloat16", "float16" or "float32". The merge itself runs in float32.
+    dtype: str = "bfloat16"
+    # Held-out prompts for the after-merge check (merged vs base-in-training-precision + adapter).
+    check_prompts: int = 4
+
+
+@dataclass
+class ChatRunConfig:
+    """Primary config of `qlora-lab chat` (conf/chat.yaml)."""
+
+    # A run directory (adapter on its base, in the training quantization) or a merged model folder.
+    run: str = MISSING
+    # One prompt to answer and exit; null = interactive (empty line or Ctrl-D quits).
+    prompt: Optional[str] = None
+    # Optional system message.
+    system_prompt: Optional[str] = None
+    # Longest answer, in tokens.
+    max_new_tokens: int = 256
+    # false = greedy decoding (deterministic); true = sample with temperature / top_p / top_k.
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    # Seed for sampling.
+    seed: int = 0
+    # Print tokens as they are generated.
+    stream: bool = True
+
+
 def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="merge_schema", node=MergeRunConfig)
+    cs.store(name="chat_schema", node=ChatRunConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------

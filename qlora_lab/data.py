@@ -36,8 +36,8 @@ ROLES = ("system", "user", "assistant", "tool")
 def load_splits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets in TRL format, per ``cfg`` (the ``data`` group)."""
     if cfg.source == "demo":
-        n_train = cfg.max_train_samples or 640
-        n_eval = cfg.max_eval_samples or 64
+        n_train = cfg.max_train_samples or 400
+        n_eval = cfg.max_eval_samples or 48
         train_rows = task.demo_rows(n_train, "train", cfg.seed)
         eval_rows = task.demo_rows(n_eval, "eval", cfg.seed)
         fmt = "prompt_completion"

@@ -87,3 +87,9 @@ def test_a_failed_rerun_keeps_the_earlier_results(tmp_path):
     assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}",
                                  f"hydra.run.dir={run}"), "malformed")
     assert json.loads((run / "metrics.json").read_text()) == {"status": "completed"}
+
+
+def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
+    assert_clean_failure(run_cli("merge", f"run={tmp_path}/nope"), "no such run directory")
+    assert_clean_failure(run_cli("chat", f"run={tmp_path}/nope", "prompt=hi"), "neither a run directory")
+    assert not (tmp_path / "nope").exists()

@@ -1,0 +1,102 @@
+"""Reading finished run directories back: their config, and the trained model as it was trained."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_lab import models
+from qlora_lab.errors import UserError
+
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning")  # adapters that add virtual tokens instead of weight deltas
+
+
+@dataclass
+class Run:
+    """A completed `qlora-lab train` run directory."""
+
+    dir: Path
+    cfg: DictConfig  # the run's composed config (.hydra/config.yaml)
+    metrics: dict
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.dir / "adapter"
+
+    @property
+    def method(self) -> str:
+        return self.cfg.adapter.method
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory, or fail with what is missing and how to get it."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run={str(path)!r}: no such run directory. Pass the folder a `qlora-lab train` run wrote "
+                        "(e.g. run=outputs/2026-11-26/12-00-00).")
+    cfg_file = run_dir / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"run={str(path)!r}: {cfg_file} is missing, so this is not a qlora-lab run directory.")
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    adapter_ok = any((run_dir / "adapter" / f).is_file() for f in ("adapter_config.json", "config.json"))
+    if metrics.get("status") != "completed" or not adapter_ok:
+        raise UserError(f"run={str(path)!r} is incomplete (no completed metrics.json and adapter/): it was interrupted "
+                        "or failed. Resume it with the same `qlora-lab train ... hydra.run.dir=<run>` command first.")
+    cfg = OmegaConf.load(cfg_file)
+    return Run(run_dir, cfg, metrics)
+
+
+def load_trained(run: Run):
+    """(model, tokenizer): the base in the run's quantization with its adapter — the model as trained."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+    if run.method == "full":  # the adapter folder holds the whole fine-tuned model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(run.adapter_dir, dtype=models.resolve_dtype(run.cfg.model.dtype),
+                                                     device_map=models.device_map())
+        return model.eval(), tokenizer
+    path = models.resolve_model_path(run.cfg.model.name_or_path)
+    base = models.build_model(run.cfg.model, run.cfg.quant, path)
+    # The adapter keeps the dtype it was trained and saved in (bf16 on a 4-bit base) instead of being upcast.
+    model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=run.cfg.quant.method == "none")
+    return model.eval(), tokenizer
+
+
+def heldout_prompts(run: Run, n: int) -> list:
+    """Up to ``n`` held-out prompts of the run's data (chat message lists); generic ones if the data is gone."""
+    from qlora_lab import data
+
+    try:
+        _, evals = data.load_splits(run.cfg.data)
+        rows = evals.select(range(min(n, len(evals)))).to_list()
+        prompts = [r["prompt"] if "prompt" in r else r["text"] for r in rows]
+    except (UserError, OSError):
+        prompts = []
+    fallback = [[{"role": "user", "content": q}] for q in (
+        "What is the capital of France?", "Write one sentence about the sea.",
+        "List three prime numbers.", "Explain what a compiler does in one line.")]
+    return (prompts or fallback)[:n]
+
+
+@torch.no_grad()
+def compare_logits(reference, candidate, tokenizer, prompts: list) -> dict:
+    """max |Δlogit| and top-1 agreement of ``candidate`` vs ``reference`` over every position of ``prompts``."""
+    max_delta, agree, total = 0.0, 0, 0
+    for p in prompts:
+        text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        a = reference(input_ids=ids.to(reference.device)).logits.float().cpu()
+        b = candidate(input_ids=ids.to(candidate.device)).logits.float().cpu()
+        max_delta = max(max_delta, (a - b).abs().max().item())
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += a.shape[1]
+    return {"max_abs_logit_delta": round(max_delta, 5), "top1_agreement": round(agree / max(total, 1), 5),
+            "positions": total, "prompts": len(prompts)}

@@ -1,0 +1,117 @@
+"""`merge` and `chat` on tiny-model runs: merged == base + adapter, refusals, and the same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from qlora_lab import chat as chat_mod
+from qlora_lab.errors import UserError
+from qlora_lab.merge import CONF_DIR, merge
+from qlora_lab.train import train
+from tests.conftest import TINY, compose_train
+
+pytestmark = pytest.mark.integration
+QUICK = [*TINY, "trainer.learning_rate=1e-2", "score_before=false", "trainer.save_strategy=no"]
+
+
+def app_cfg(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def trained_run(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    run = tmp_path_factory.mktemp(name)
+    train(compose_train([*QUICK, *overrides], run))
+    (run / ".hydra").mkdir(exist_ok=True)  # what the Hydra shell writes; compose() here gives the same config
+    from omegaconf import OmegaConf
+    OmegaConf.save(compose_train([*QUICK, *overrides], run), run / ".hydra" / "config.yaml")
+    return run
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "qlora", [])
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "fp32", ["quant=none", "model.dtype=float32", "trainer.bf16=false"])
+
+
+def plain_base_plus_adapter(run: Path, **kwargs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lab.models import resolve_model_path
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"), **kwargs)
+    return PeftModel.from_pretrained(base, run / "adapter").eval()
+
+
+IDS = torch.tensor([[1, 520, 3300, 42, 17, 998, 205, 2, 77, 4000]])
+
+
+def test_fp32_merge_matches_base_plus_adapter_tightly(fp32_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    info = merge(app_cfg("merge", [f"run={fp32_run}", f"out={tmp_path / 'm'}", "dtype=float32"]))
+    assert info["merge_base"] == "original" and info["check"]["top1_agreement"] == 1.0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()  # no peft involved
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    reference = plain_base_plus_adapter(fp32_run, dtype=torch.float32)
+    with torch.no_grad():
+        delta = (merged(input_ids=IDS).logits - reference(input_ids=IDS).logits).abs().max().item()
+    assert delta < 1e-4, delta  # fp32 end to end: only summation order differs
+
+
+def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rt = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'rt'}"]))
+    orig = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'orig'}", "base=original"]))
+    assert rt["merge_base"] == "nf4_roundtrip" and rt["dtype"] == "bfloat16"
+    # the documented default: merging into the weights the adapter saw reproduces the trained model better
+    assert rt["check"]["max_abs_logit_delta"] < orig["check"]["max_abs_logit_delta"]
+    # bf16 tolerance: the merged weights are rounded to bf16 once (|Δlogit| of a few bf16 ulps)
+    assert rt["check"]["max_abs_logit_delta"] < 2e-2 and rt["check"]["top1_agreement"] >= 0.99
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "rt")
+    assert merged.dtype == torch.bfloat16
+    files = {p.name for p in (tmp_path / "rt").iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
+            "README.md", "merge_info.json"} <= files
+    assert "nf4_roundtrip" in (tmp_path / "rt" / "README.md").read_text()
+    assert json.loads((tmp_path / "rt" / "merge_info.json").read_text())["check"] == rt["check"]
+
+
+def test_prefix_adapter_is_refused_and_nothing_is_written(tmp_path_factory, tmp_path):
+    run = trained_run(tmp_path_factory, "prefix", ["adapter=prefix"])
+    with pytest.raises(UserError, match="adapter=prefix, which adds virtual tokens"):
+        merge(app_cfg("merge", [f"run={run}", f"out={tmp_path / 'm'}"]))
+    assert not (tmp_path / "m").exists() and not (run / "merged").exists()
+    # chat still serves it
+    answer = chat_mod.chat(app_cfg("chat", [f"run={run}", "prompt=Hi", "max_new_tokens=3", "stream=false"]))
+    assert isinstance(answer, str)
+
+
+def test_missing_and_incomplete_runs_fail_clearly(tmp_path):
+    with pytest.raises(UserError, match="no such run directory"):
+        merge(app_cfg("merge", [f"run={tmp_path / 'nope'}"]))
+    half = tmp_path / "half"
+    (half / ".hydra").mkdir(parents=True)
+    (half / ".hydra" / "config.yaml").write_text("{}")
+    with pytest.raises(UserError, match="is incomplete"):
+        merge(app_cfg("merge", [f"run={half}"]))
+    assert not (half / "merged").exists()
+
+
+def test_chat_gives_the_same_greedy_tokens_from_the_run_and_its_merged_folder(fp32_run, tmp_path):
+    merge(app_cfg("merge", [f"run={fp32_run}", f"out={tmp_path / 'm'}", "dtype=float32"]))
+    common = ["prompt=Tell me a fact.", "max_new_tokens=12", "stream=false"]
+    from_run = chat_mod.chat(app_cfg("chat", [f"run={fp32_run}", *common]))
+    from_merged = chat_mod.chat(app_cfg("chat", [f"run={tmp_path / 'm'}", *common]))
+    assert from_run == from_merged and len(from_run) > 0
