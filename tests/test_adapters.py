@@ -60,7 +60,8 @@ def reload_plain(cfg, run_dir):
 
     from qlora_lab.models import _disable_cpu_inference_repacking, quantization_config, resolve_dtype, resolve_model_path
 
-    kwargs = dict(device_map={"": "cpu"}, dtype=resolve_dtype(cfg.model.dtype))
+    from qlora_lab.models import device_map
+    kwargs = dict(device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
     if cfg.adapter.method == "full":
         return AutoModelForCausalLM.from_pretrained(run_dir / "adapter", **kwargs)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path),
@@ -102,7 +103,8 @@ def test_adapter_trains_only_itself_and_reloads(tmp_path, captured, adapter, qua
     reloaded = reload_plain(cfg, tmp_path).eval()
     ids = torch.tensor([[1, 520, 3300, 42, 17, 998, 205, 2]])
     # accelerate wraps the trained model's forward in the run's bf16 autocast; give the reloaded one the same
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(captured["trainer"].args.bf16))
+    ids = ids.to(model.device)
+    autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bool(captured["trainer"].args.bf16))
     with torch.no_grad():
         a = model(input_ids=ids).logits.float()
         with autocast:

@@ -49,7 +49,8 @@ def plain_base_plus_adapter(run: Path, **kwargs):
     from transformers import AutoModelForCausalLM
 
     from qlora_lab.models import resolve_model_path
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"), **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"), device_map={"": "cpu"},
+                                                **kwargs)
     return PeftModel.from_pretrained(base, run / "adapter").eval()
 
 
@@ -65,7 +66,7 @@ def test_fp32_merge_matches_base_plus_adapter_tightly(fp32_run, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     reference = plain_base_plus_adapter(fp32_run, dtype=torch.float32)
     with torch.no_grad():
-        delta = (merged(input_ids=IDS).logits - reference(input_ids=IDS).logits).abs().max().item()
+        delta = (merged(input_ids=IDS).logits - reference(input_ids=IDS).logits.cpu()).abs().max().item()
     assert delta < 1e-4, delta  # fp32 end to end: only summation order differs
 
 

@@ -74,14 +74,14 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, capt
     train_mod.train(cfg)
     trained = captured["trainer"].model.eval()
 
-    from qlora_lab.models import (_disable_cpu_inference_repacking, quantization_config, resolve_dtype,
-                                  resolve_model_path)
+    from qlora_lab.models import (_disable_cpu_inference_repacking, device_map, quantization_config,
+                                  resolve_dtype, resolve_model_path)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"),
                                                 quantization_config=quantization_config(cfg.quant),
-                                                device_map={"": "cpu"}, dtype=resolve_dtype(cfg.model.dtype))
+                                                device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
     # autocast_adapter_dtype=False keeps the adapter in the dtype it was trained and saved in (bf16 for QLoRA)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter", autocast_adapter_dtype=False).eval()
-    ids = torch.tensor([[1, 520, 3300, 42, 17, 998, 2]])
+    ids = torch.tensor([[1, 520, 3300, 42, 17, 998, 2]], device=trained.device)
     # On AVX512-BF16 CPUs, plain bitsandbytes would run this eval forward on its packed inference kernel (another
     # bf16 rounding order); compare both models on the same kernel (see qlora_lab/models.py for why).
     _disable_cpu_inference_repacking(reloaded)
