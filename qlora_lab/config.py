@@ -184,7 +184,7 @@ def _make_trainer_schema() -> type:
         if f.name in OWNED_TRAINER_FIELDS or not f.init:
             continue
         tp = _schema_type(hints.get(f.name, Any))
-        if f.name in DEPRECATED_TRAINER_ALIASES:
+        if f.name in DEPRECATED_TRAINER_ALIASES and DEPRECATED_TRAINER_ALIASES[f.name] in hints:
             # Deprecated aliases of activation_checkpointing*: None = not set, so the new name decides.
             fields.append((f.name, Optional[tp] if tp is bool else tp, field(default=None, metadata=f.metadata)))
             continue
@@ -373,7 +373,7 @@ def validate(cfg: DictConfig) -> None:
             p.append(f"adapter.target_modules={tm!r}: use 'all-linear' or a non-empty list such as [q_proj,v_proj].")
     if a.method in ("prefix", "prompt", "ptuning") and a.num_virtual_tokens < 1:
         p.append(f"adapter.num_virtual_tokens={a.num_virtual_tokens}: must be >= 1 (typical: 8-32).")
-    if a.method == "prefix" and (t.activation_checkpointing or t.gradient_checkpointing):
+    if a.method == "prefix" and (t.get("activation_checkpointing") or t.gradient_checkpointing):
         p.append("adapter=prefix with activation (gradient) checkpointing: transformers' checkpointed decoder layers "
                  "drop the cache that carries peft's prefix while the attention mask still counts it (size mismatch "
                  "by num_virtual_tokens). Set trainer.activation_checkpointing=false, or use adapter=prompt.")

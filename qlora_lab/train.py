@@ -163,10 +163,13 @@ def build_sft_config(trainer_cfg: DictConfig, output_dir: Path):
     from trl import SFTConfig
 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
-    for old, new in DEPRECATED_TRAINER_ALIASES.items():  # an explicitly set old name wins, without a warning
-        if kwargs.get(old) is not None:
-            kwargs[new] = kwargs[old]
-        kwargs.pop(old)
+    for old, new in DEPRECATED_TRAINER_ALIASES.items():
+        # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*: where the new name
+        # exists, the old one fills it only when it is unset (transformers' own rule, minus its FutureWarning).
+        if new in kwargs:
+            value = kwargs.pop(old)
+            if kwargs[new] is None and value is not None:
+                kwargs[new] = value
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is CPU
     if kwargs.get("bf16") is None and not kwargs.get("fp16"):

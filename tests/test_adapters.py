@@ -137,4 +137,4 @@ def test_loftq_without_cuda_is_refused(monkeypatch):
 
 def test_prefix_with_activation_checkpointing_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="trainer.activation_checkpointing=false"):
-        validate(compose_train(["adapter=prefix", "trainer.activation_checkpointing=true"]))
+        validate(compose_train(["adapter=prefix", "trainer.gradient_checkpointing=true"]))
