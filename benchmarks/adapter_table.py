@@ -46,15 +46,17 @@ def run_row(adapter: str, quant: str, extra: list[str], steps: int) -> dict:
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         row = {"adapter": adapter, "quant": quant, "overrides": extra, "wall_s": round(time.time() - t0, 1)}
         if proc.returncode != 0:
-            last = [l for l in (proc.stderr or proc.stdout).splitlines() if l.strip()][-3:]
-            return {**row, "status": "refused" if proc.returncode == 2 else "failed", "error": " ".join(last)[:400]}
+            text = proc.stderr or proc.stdout
+            err = text[text.find("error:"):] if "error:" in text else "\n".join(text.splitlines()[-3:])
+            return {**row, "status": "refused" if proc.returncode == 2 else "failed", "error": " ".join(err.split())[:400]}
         m = json.loads((Path(tmp) / "metrics.json").read_text())
         keys = ("trainable_params", "total_params", "peak_mem_mb", "tokens_per_s", "train_loss", "device")
         return {**row, "status": "ok", **{k: m[k] for k in keys}}
 
 
 def to_markdown(rows: list[dict], steps: int, name: str) -> str:
-    lines = [f"Embedded SmolLM2-135M-Instruct, demo task, {steps} steps of batch 8, machine `{name}`.", "",
+    lines = [f"Embedded SmolLM2-135M-Instruct, demo task, {steps} steps of batch 8, machine `{name}`; peak memory is the "
+             "process's peak RSS on CPU (CUDA: max allocated), model loading included.", "",
              "| adapter | quant | trainable params | % of total | peak memory (MiB) | tokens/s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -146,10 +146,20 @@ def _build_tiny_random(out: Path) -> None:
 # building
 
 
+def _load_error(model_cfg: DictConfig, e: Exception) -> UserError:
+    return UserError(f"could not load model.name_or_path={model_cfg.name_or_path!r}: {str(e).splitlines()[0]}\n"
+                     "Fix: check the hub id (and that you are online, or that the model is in the HF cache with "
+                     "HF_HUB_OFFLINE=1), or pass a local folder written by save_pretrained.")
+
+
 def build_tokenizer(model_cfg: DictConfig, path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, e) from None
     if tok.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padded positions are masked out of the loss anyway.
         tok.pad_token = tok.eos_token
@@ -201,10 +211,8 @@ def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str):
         kwargs["quantization_config"] = qconf
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise UserError(f"could not load model.name_or_path={model_cfg.name_or_path!r}: {str(e).splitlines()[0]}\n"
-                        "Fix: check the hub id (and that you are online, or set HF_HUB_OFFLINE=1 with the model in the "
-                        "HF cache), or pass a local folder.") from None
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, e) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     _disable_cpu_inference_repacking(model)
     return model

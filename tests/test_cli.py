@@ -18,7 +18,7 @@ TINY_CLI = ["model=tiny-random", "data.max_train_samples=16", "data.max_eval_sam
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}  # tests never reach a hub
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", "qlora_lab", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -50,6 +50,8 @@ def test_train_writes_a_complete_run_dir(tmp_path):
 
 @pytest.mark.parametrize("args, needles", [
     (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model'", "no such folder"]),
+    (["model.name_or_path=no-such-org/no-such-model"], ["could not load model.name_or_path='no-such-org/no-such-model'",
+                                                        "Fix: check the hub id"]),
     (["data=file", f"data.path={DATA}/missing.jsonl"], ["missing.jsonl", "file not found"]),
     (["data=file"], ["data.path is required"]),
     (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
