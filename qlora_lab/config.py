@@ -229,6 +229,8 @@ class TrainRunConfig:
     output_dir: str = MISSING
     # Score the held-out task before training too (the "before" in before → after).
     score_before: bool = True
+    # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
+    fail_fast: bool = False
     # How the training loss is computed: "native" (the model's own cross-entropy over full logits, no per-step
     # vocab-wide metrics), "fused" (TRL's chunked fused LM head, which also logs entropy and token accuracy; saves
     # logits memory but runs as slow plain-torch code without Triton), or "auto" (fused on CUDA, native elsewhere).

@@ -26,7 +26,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapters, data, models, task
+from qlora_lab import adapters, data, models, report, task
 from qlora_lab.config import DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
     started = time.time()
+    _reset_peak_mem()
 
     # ---- setup: data first (cheap, and the most common source of user errors), then the model
     train_ds, eval_ds = data.load_splits(cfg.data)
@@ -73,8 +74,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume:
         log.info("Resuming from %s", resume)
     tokens_at_start = _tokens_seen(resume)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     result = trainer.train(resume_from_checkpoint=resume)
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
@@ -87,6 +86,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with atomic_dir(run_dir / "adapter") as tmp:
         adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter)
         tokenizer.save_pretrained(tmp)
+    history = trainer.state.log_history
+    write_json_atomic(run_dir / "log_history.json", history)
+    report.loss_curve_png(history, run_dir / "loss.png", title=f"{cfg.adapter.method} / {cfg.quant.method}")
     metrics.update(
         status="completed",
         eval_loss=eval_metrics["eval_loss"],
@@ -225,10 +227,27 @@ def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: old[k] for k in keys if k in old}
 
 
+def _reset_peak_mem() -> None:
+    """Start this run's peak-memory window (several multirun jobs share one process)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_mem_mb() -> float:
+    """Peak memory since _reset_peak_mem: CUDA max allocated, else the process's peak RSS, in MiB."""
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB → MiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # lifetime peak (KiB on Linux)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -285,9 +304,48 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Exception as e:
+        if not _in_sweep() or cfg.fail_fast:
+            raise
+        return _record_failed_job(cfg, e)
+    finally:
+        _release_memory()
     print((Path(cfg.output_dir) / "report.md").read_text(), file=sys.stdout, flush=True)
     return float(metrics["eval_loss"])
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failed_job(cfg: DictConfig, error: Exception) -> float:
+    """In a sweep, a failed job is recorded (metrics.json status=failed) instead of ending the sweep.
+
+    Optuna's sweeper is told through an exception (it marks the trial FAIL and stops only past its
+    max_failure_rate); the basic sweeper gets NaN, which the sweep report lists as failed.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    log.error("Job failed: %s: %s", type(error).__name__, error)
+    write_json_atomic(Path(cfg.output_dir) / "metrics.json",
+                      {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+    if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
+        raise error
+    return float("nan")
+
+
+def _release_memory() -> None:
+    """Free the finished job's model, optimizer and caches before the next job of a sweep starts."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

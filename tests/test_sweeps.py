@@ -1,0 +1,82 @@
+"""Multirun sweeps as users launch them: grid, Optuna, submitit_local, failed jobs, and the sweep report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_lab.report import write_report
+from tests.test_cli import DATA, TINY_CLI, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def jobs(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+
+
+def test_grid_2x2_writes_four_runs_and_a_report_naming_the_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", *TINY_CLI, "data.task_eval_samples=0", "adapter.r=4,8",
+                   "trainer.learning_rate=1e-3,5e-3", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = jobs(sweep)
+    assert len(results) == 4 and all(m["status"] == "completed" for m in results)
+    for job in sweep.glob("[0-9]"):
+        assert (job / "adapter/adapter_model.safetensors").is_file() and (job / "loss.png").is_file()
+    rows = list(csv.DictReader((sweep / "sweep_report.csv").open()))
+    assert sorted((int(r["param:adapter.r"]), float(r["param:trainer.learning_rate"])) for r in rows) == [
+        (4, 1e-3), (4, 5e-3), (8, 1e-3), (8, 5e-3)]
+    best = min(rows, key=lambda r: float(r["eval_loss"]))
+    assert f"job `{best['job']}`" in (sweep / "sweep_report.md").read_text()
+    assert (sweep / "sweep_report.png").stat().st_size > 1000
+    # job 2..4 run in the same process after job 1: their peak memory must not carry job 1's
+    peaks = [m["peak_mem_mb"] for m in results]
+    assert max(peaks[1:]) < 1.3 * peaks[0], peaks
+
+
+def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
+    sweep = tmp_path / "sweep"
+    good, bad = DATA / "prompt_completion.jsonl", DATA / "malformed.jsonl"
+    proc = run_cli("train", "-m", *TINY_CLI, "data=file", f"data.path={good},{bad}", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json")}
+    assert status == {"0": "completed", "1": "failed"}
+    report = (sweep / "sweep_report.md").read_text()
+    assert "1 completed, 1 failed" in report and "malformed.jsonl:3" in report
+
+
+def test_fail_fast_stops_the_sweep(tmp_path):
+    proc = run_cli("train", "-m", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}", "fail_fast=true",
+                   f"hydra.sweep.dir={tmp_path / 's'}")
+    assert proc.returncode != 0
+
+
+def test_optuna_sweep_of_three_trials_returns_a_best_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", "sweep=optuna_lr_rank", "hydra.sweeper.n_trials=3", *TINY_CLI,
+                   "data.task_eval_samples=0", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert isinstance(result["best_value"], float) and "trainer.learning_rate" in result["best_params"]
+    assert len(jobs(sweep)) == 3
+    assert write_report(sweep)["best"]["eval_loss"] == pytest.approx(result["best_value"])
+
+
+def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", "launcher=local", *TINY_CLI, "data.task_eval_samples=0", "adapter.r=4,8",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["status"] for m in jobs(sweep)] == ["completed", "completed"]
+    assert (sweep / ".submitit").is_dir() and (sweep / "sweep_report.md").is_file()
+
+
+def test_report_command_on_a_folder_without_jobs_fails_clearly(tmp_path):
+    from tests.test_cli import assert_clean_failure
+
+    assert_clean_failure(run_cli("report", str(tmp_path)), "no job directories")
