@@ -124,6 +124,7 @@ def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir
     from trl import SFTTrainer
 
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
+    _setup_tracking(args, run_dir)
     native = cfg.loss == "native" or (cfg.loss == "auto" and not torch.cuda.is_available())
     trainer_cls = _native_loss_trainer_cls() if native else SFTTrainer
     if cfg.adapter.method == "full":
@@ -136,6 +137,24 @@ def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir
         processing_class=tokenizer,
         peft_config=adapters.build_peft_config(cfg.adapter),
     )
+
+
+def _setup_tracking(args, run_dir: Path) -> None:
+    """Point the trainer's report_to integrations at this run: TensorBoard logs in <run>/tensorboard; MLflow in
+    $MLFLOW_TRACKING_URI, or a local file store ./mlruns shared by all runs and sweeps started here. Credentials
+    (WANDB_API_KEY, HF_TOKEN, ...) stay in the environment: nothing secret is written to the run's config."""
+    targets = set(args.report_to or [])
+    if not args.run_name:
+        args.run_name = f"{run_dir.parent.name}/{run_dir.name}"
+    if targets & {"tensorboard", "all"}:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if targets & {"mlflow", "all"}:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (Path.cwd() / "mlruns").as_uri())
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qlora-lab")
+        if os.environ["MLFLOW_TRACKING_URI"].startswith("file:"):
+            # MLflow 3 refuses its file store unless allowed; it needs no server or database, so it is the offline
+            # default here. Point MLFLOW_TRACKING_URI at sqlite:///... or a server to use those instead.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 def _native_loss_trainer_cls():

@@ -80,3 +80,18 @@ def test_report_command_on_a_folder_without_jobs_fails_clearly(tmp_path):
     from tests.test_cli import assert_clean_failure
 
     assert_clean_failure(run_cli("report", str(tmp_path)), "no job directories")
+
+
+def test_tracking_to_tensorboard_and_mlflow_offline(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_SENTINEL_123")  # credentials live in the environment only
+    proc = run_cli("train", *TINY_CLI, "trainer.report_to=[tensorboard,mlflow]", "trainer.logging_steps=1",
+                   f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    losses = list((tmp_path / "mlruns").glob("*/*/metrics/loss"))
+    assert losses and len(losses[0].read_text().splitlines()) == 2  # one value per step (2 steps)
+    for f in [*run.rglob("*"), *(tmp_path / "mlruns").rglob("*")]:
+        if f.is_file() and f.stat().st_size < 5_000_000:
+            assert b"SECRET_SENTINEL" not in f.read_bytes(), f
