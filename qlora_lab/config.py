@@ -229,6 +229,9 @@ class TrainRunConfig:
     output_dir: str = MISSING
     # Score the held-out task before training too (the "before" in before → after).
     score_before: bool = True
+    # Stop the run (status failed, earlier checkpoints kept) after this many consecutive steps with a non-finite
+    # loss; 0 disables the check.
+    max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False
     # How the training loss is computed: "native" (the model's own cross-entropy over full logits, no per-step
@@ -320,6 +323,8 @@ def validate(cfg: DictConfig) -> None:
     m, q, a, d, t = cfg.model, cfg.quant, cfg.adapter, cfg.data, cfg.trainer
 
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
+    if cfg.max_nonfinite_steps < 0:
+        p.append(f"max_nonfinite_steps={cfg.max_nonfinite_steps}: must be >= 0 (0 disables the divergence check).")
 
     # model
     name = str(m.name_or_path)

@@ -30,6 +30,7 @@ from qlora_lab import adapters, data, models, report, task
 from qlora_lab.config import DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
+from qlora_lab.sft import EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -42,6 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _check_writable(run_dir)
     started = time.time()
     _reset_peak_mem()
+    write_json_atomic(run_dir / "environment.json", environment(cfg))
 
     # ---- setup: data first (cheap, and the most common source of user errors), then the model
     train_ds, eval_ds = data.load_splits(cfg.data)
@@ -54,6 +56,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = _build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir)
+    if len(trainer.train_dataset) == 0:
+        raise UserError(f"no training example has a trainable token left after truncation to trainer.max_length="
+                        f"{cfg.trainer.max_length} (the answer starts after that many tokens in every row). Raise "
+                        "trainer.max_length or shorten the prompts.")
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
     log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              "" if cfg.adapter.method == "full" else " — adapter only")
@@ -74,7 +80,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume:
         log.info("Resuming from %s", resume)
     tokens_at_start = _tokens_seen(resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    guard = GuardCallback(trainer)
+    trainer.add_callback(guard)
+    guard.install_signal_handlers()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Diverged as e:
+        write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "failed", "error": str(e),
+                                                     "global_step": trainer.state.global_step,
+                                                     "last_checkpoint": _last_checkpoint(run_dir / "checkpoints")})
+        raise
+    finally:
+        guard.restore_signal_handlers()
+    if guard.preempted_by:
+        checkpoint = _last_checkpoint(run_dir / "checkpoints")
+        write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "preempted", "signal": guard.preempted_by,
+                                                     "global_step": trainer.state.global_step,
+                                                     "last_checkpoint": checkpoint})
+        raise Preempted(f"stopped by {guard.preempted_by} at step {trainer.state.global_step}; checkpoint {checkpoint}. "
+                        "Rerun the same command (same hydra.run.dir) to resume.")
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
 
@@ -83,9 +107,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     after = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens) if metric else None
 
     # ---- save: adapter first, metrics last (their presence marks a complete run)
-    with atomic_dir(run_dir / "adapter") as tmp:
-        adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_dir(run_dir / "adapter") as tmp:
+            adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter)
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        raise UserError(f"could not save the adapter into {run_dir / 'adapter'}: {e.strerror or e}. Nothing earlier "
+                        "was replaced (the new adapter is written to a temporary folder first); free some space and "
+                        "rerun the same command to resume from the last checkpoint.") from None
     history = trainer.state.log_history
     write_json_atomic(run_dir / "log_history.json", history)
     report.loss_curve_png(history, run_dir / "loss.png", title=f"{cfg.adapter.method} / {cfg.quant.method}")
@@ -121,15 +150,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
-    from trl import SFTTrainer
-
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
     _setup_tracking(args, run_dir)
     native = cfg.loss == "native" or (cfg.loss == "auto" and not torch.cuda.is_available())
-    trainer_cls = _native_loss_trainer_cls() if native else SFTTrainer
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
-    return trainer_cls(
+    return QloraSFTTrainer(
+        native_loss=native,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -155,28 +183,6 @@ def _setup_tracking(args, run_dir: Path) -> None:
             # MLflow 3 refuses its file store unless allowed; it needs no server or database, so it is the offline
             # default here. Point MLFLOW_TRACKING_URI at sqlite:///... or a server to use those instead.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-
-
-def _native_loss_trainer_cls():
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class NativeLossSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss is the model's own cross-entropy (``labels`` passed to the model).
-
-        TRL 1.16 routes every step through its fused LM head (trl/trainer/sft_trainer.py compute_loss with
-        ``fused_lm_head=True``), which computes log-probs, entropy and top-1 accuracy over the full vocabulary in
-        tiles; without Triton (CPU) those tiles run as plain torch ops, several full-vocabulary passes per step.
-        The model's own loss (transformers ForCausalLMLoss) is the same mean over the same label tokens
-        (``num_items_in_batch`` counts labels != -100 in both) and runs ~2.5x faster on CPU. The cost: no entropy /
-        mean_token_accuracy in the logs, and the full logits are materialised (fine at CPU batch sizes).
-        """
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    return NativeLossSFTTrainer
 
 
 def build_sft_config(trainer_cfg: DictConfig, output_dir: Path):
@@ -244,6 +250,32 @@ def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
         return {}
     old = json.loads(path.read_text())
     return {k: old[k] for k in keys if k in old}
+
+
+def environment(cfg: DictConfig) -> dict[str, Any]:
+    """What produced this run: package versions, the project's git commit, seed, hardware."""
+    import importlib.metadata as md
+    import platform
+    import subprocess
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "hydra-core",
+                "qlora-lab"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=Path(__file__).parent,
+                                    capture_output=True, text=True, timeout=5).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"versions": versions, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
+            "seed": cfg.trainer.seed, "device": models.device_type(), "gpus": gpu, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "bf16": models.bf16_supported()}
 
 
 def _reset_peak_mem() -> None:
@@ -325,6 +357,9 @@ register_configs()
 def main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg)
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)  # requeue-able exit for SLURM / submitit
     except Exception as e:
         if not _in_sweep() or cfg.fail_fast:
             raise

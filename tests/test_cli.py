@@ -95,3 +95,30 @@ def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     assert_clean_failure(run_cli("merge", f"run={tmp_path}/nope"), "no such run directory")
     assert_clean_failure(run_cli("chat", f"run={tmp_path}/nope", "prompt=hi"), "neither a run directory")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("setup, args, needles", [
+    ("json", ["data=file"], ["malformed JSON"]),
+    ("txt", ["data=file"], ["unsupported file type '.txt'"]),
+    ("nocfg", [], ["without config.json"]),
+    ("readonly", [], ["is not writable"]),
+    (None, ["trainer.lr_scheduler_type=sideways"], ["invalid trainer settings", "sideways"]),
+    (None, ["trainer.max_length=8", "data.max_train_samples=8"], ["no training example has a trainable token"]),
+    (None, ["adapter=full"], ["adapter=full with quant.method=nf4"]),
+    (None, ["trainer.fp16=true", "trainer.bf16=true"], ["choose one"]),
+])
+def test_more_bad_inputs(tmp_path, setup, args, needles):
+    run = tmp_path / "run"
+    extra = list(args)
+    if setup == "json":
+        (tmp_path / "d.json").write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": }]')
+        extra.append(f"data.path={tmp_path / 'd.json'}")
+    elif setup == "txt":
+        (tmp_path / "d.txt").write_text("hello")
+        extra.append(f"data.path={tmp_path / 'd.txt'}")
+    elif setup == "nocfg":
+        (tmp_path / "model").mkdir()
+        extra.append(f"model.name_or_path={tmp_path / 'model'}")
+    elif setup == "readonly":  # /proc refuses new entries even to root
+        extra.append("output_dir=/proc/qlora-lab-test-run")
+    assert_clean_failure(run_cli("train", *TINY_CLI, *extra, f"hydra.run.dir={run}"), *needles)

@@ -64,6 +64,8 @@ def test_nf4_lora_trains_only_the_adapter(tmp_path, captured):
     assert saved["status"] == "completed" and saved["global_step"] == 3
     assert saved["train_tokens"] > 0 and saved["tokens_per_s"] > 0
     assert "before" in (out / "report.md").read_text()
+    env = json.loads((out / "environment.json").read_text())
+    assert env["versions"]["peft"] and env["versions"]["trl"] and env["seed"] == 42 and env["device"] in ("cpu", "cuda")
 
 
 def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, captured):

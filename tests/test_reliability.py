@@ -1,0 +1,117 @@
+"""Nothing lost under interruption or divergence: resume equivalence, SIGTERM preemption, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lab import train as train_mod
+from qlora_lab.sft import EXIT_PREEMPTED, Diverged, QloraSFTTrainer
+from tests.conftest import TINY, compose_train
+from tests.test_cli import ROOT, TINY_CLI
+
+pytestmark = pytest.mark.integration
+RUN = [*TINY, "trainer.max_steps=4", "trainer.save_steps=2", "score_before=false", "data.task_eval_samples=0",
+       "adapter.dropout=0.1"]  # dropout: the resumed run must also restore the RNG state
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_mod.train(compose_train(RUN, straight))
+
+    interrupted = tmp_path / "interrupted"
+    real_step = QloraSFTTrainer.training_step
+
+    def crash_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt("simulated crash after checkpoint-2")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(QloraSFTTrainer, "training_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(compose_train(RUN, interrupted))
+    assert not (interrupted / "metrics.json").exists() and not (interrupted / "adapter").exists()
+    monkeypatch.setattr(QloraSFTTrainer, "training_step", real_step)
+    resumed = train_mod.train(compose_train(RUN, interrupted))
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+
+    a = load_file(straight / "adapter/adapter_model.safetensors")
+    b = load_file(interrupted / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # optimizer, scheduler, RNG and data position all restored: the same weights
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = QloraSFTTrainer.compute_loss
+
+    def nan_after_step_2(self, *args, **kwargs):
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 2 else loss
+
+    monkeypatch.setattr(QloraSFTTrainer, "compute_loss", nan_after_step_2)
+    with pytest.raises(Diverged, match="not finite for 2 consecutive steps"):
+        train_mod.train(compose_train([*RUN, "trainer.max_steps=8", "max_nonfinite_steps=2"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["last_checkpoint"].endswith("checkpoint-2")
+    assert (tmp_path / "checkpoints/checkpoint-2/trainer_state.json").is_file()
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
+    run = tmp_path / "run"
+    common = [sys.executable, "-m", "qlora_lab", "train",
+              *[o for o in TINY_CLI if not o.startswith(("trainer.max_steps", "data.max_train_samples",
+                                                         "trainer.per_device_train_batch_size"))],
+              "trainer.save_steps=1000", "trainer.logging_steps=1", "data.max_train_samples=64",
+              "trainer.per_device_train_batch_size=1", f"hydra.run.dir={run}"]
+    args = [*common, "trainer.max_steps=500"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    for line in proc.stdout:  # wait until training is under way
+        if "'loss'" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "preempted" and metrics["signal"] == "SIGTERM"
+    step = metrics["global_step"]
+    assert 0 < step < 500 and metrics["last_checkpoint"].endswith(f"checkpoint-{step}")
+    assert (run / f"checkpoints/checkpoint-{step}/trainer_state.json").is_file()
+    # the requeued job (same command, same run dir) resumes there
+    done = subprocess.run([*common, f"trainer.max_steps={step + 2}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["status"] == "completed" and final["resumed_from"].endswith(f"checkpoint-{step}")
+    assert final["global_step"] == step + 2
+
+
+def test_disk_full_while_saving_keeps_the_previous_results(tmp_path, monkeypatch):
+    from qlora_lab import adapters
+    from qlora_lab.errors import UserError
+
+    first = train_mod.train(compose_train(RUN, tmp_path))
+    before = {p: p.read_bytes() for p in [tmp_path / "metrics.json", tmp_path / "adapter/adapter_model.safetensors"]}
+
+    def full_disk(cfg, model, folder, initial):
+        (folder / "adapter_model.safetensors").write_bytes(b"half-written")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapters, "save_adapter", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*Nothing earlier was replaced"):
+        train_mod.train(compose_train([*RUN, "trainer.max_steps=6"], tmp_path))
+    assert {p: p.read_bytes() for p in before} == before  # earlier adapter and metrics intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no half-written folder left
+    assert first["status"] == "completed"
