@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     module = importlib.import_module(COMMANDS[command][0])
+    if command == "train":
+        from qlora_lab.distributed import shared_run_dir
+
+        rest = shared_run_dir(rest)  # torchrun / accelerate: all ranks in one run dir
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
     module.main()
 

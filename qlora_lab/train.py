@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab import adapters, data, models, report, task
 from qlora_lab.config import DEPRECATED_TRAINER_ALIASES, register_configs, validate
+from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
 from qlora_lab.sft import EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer
@@ -43,7 +44,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _check_writable(run_dir)
     started = time.time()
     _reset_peak_mem()
-    write_json_atomic(run_dir / "environment.json", environment(cfg))
+    main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes run artifacts
+    if main_process:
+        write_json_atomic(run_dir / "environment.json", environment(cfg))
 
     # ---- setup: data first (cheap, and the most common source of user errors), then the model
     train_ds, eval_ds = data.load_splits(cfg.data)
@@ -67,12 +70,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- before: the base model alone (adapter disabled)
     metrics: dict[str, Any] = {"status": "running"}
     resume = _last_checkpoint(run_dir / "checkpoints")
-    if cfg.score_before and metric and resume is None:
+    if cfg.score_before and resume is None and world_size() > 1:
+        # Measured: scoring/evaluating before train() under torchrun (2 CPU ranks, gloo) changed the first step's
+        # all-reduced gradients (grad norm 0.828 vs 0.802 single-process, same loss); cause not found yet, so the
+        # "before" numbers are skipped in multi-process runs until it is (score the base with one process).
+        log.warning("score_before is skipped in multi-process runs (world size %d)", world_size())
+    elif cfg.score_before and metric and resume is None:
         with adapters.base_model_only(cfg.adapter, trainer.model):
-            before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
+            if main_process:  # generation is not collective: rank 0 scores alone
+                before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
+                metrics["task_score_before"] = before["score"]
+                log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
             metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="before")["before_loss"]
-        metrics["task_score_before"] = before["score"]
-        log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
     elif resume is not None:
         metrics.update(_previous_metrics(run_dir, ("task_score_before", "eval_loss_before")))
 
@@ -86,17 +95,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except Diverged as e:
-        write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "failed", "error": str(e),
-                                                     "global_step": trainer.state.global_step,
-                                                     "last_checkpoint": _last_checkpoint(run_dir / "checkpoints")})
+        if main_process:
+            write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "failed", "error": str(e),
+                                                         "global_step": trainer.state.global_step,
+                                                         "last_checkpoint": _last_checkpoint(run_dir / "checkpoints")})
         raise
     finally:
         guard.restore_signal_handlers()
     if guard.preempted_by:
         checkpoint = _last_checkpoint(run_dir / "checkpoints")
-        write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "preempted", "signal": guard.preempted_by,
-                                                     "global_step": trainer.state.global_step,
-                                                     "last_checkpoint": checkpoint})
+        if main_process:
+            write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "preempted", "signal": guard.preempted_by,
+                                                         "global_step": trainer.state.global_step,
+                                                         "last_checkpoint": checkpoint})
         raise Preempted(f"stopped by {guard.preempted_by} at step {trainer.state.global_step}; checkpoint {checkpoint}. "
                         "Rerun the same command (same hydra.run.dir) to resume.")
     runtime = result.metrics["train_runtime"]
@@ -104,6 +115,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- after
     eval_metrics = trainer.evaluate()
+    if not main_process:
+        return {"status": "completed", "eval_loss": eval_metrics["eval_loss"], "rank": int(os.environ["RANK"])}
     after = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens) if metric else None
 
     # ---- save: adapter first, metrics last (their presence marks a complete run)
@@ -137,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_rows=len(train_ds),
         eval_rows=len(eval_ds),
         device=models.device_type(),
+        world_size=world_size(),
         examples=after["examples"] if after else [],
     )
     write_json_atomic(run_dir / "metrics.json", metrics)
@@ -366,7 +380,8 @@ def main(cfg: DictConfig) -> float:
         return _record_failed_job(cfg, e)
     finally:
         _release_memory()
-    print((Path(cfg.output_dir) / "report.md").read_text(), file=sys.stdout, flush=True)
+    if is_main_process():
+        print((Path(cfg.output_dir) / "report.md").read_text(), file=sys.stdout, flush=True)
     return float(metrics["eval_loss"])
 
 
