@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = models.build_model(cfg.model, cfg.quant, model_path)
     trainer = _build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
-    initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir)
+    initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     if len(trainer.train_dataset) == 0:
         raise UserError(f"no training example has a trainable token left after truncation to trainer.max_length="
                         f"{cfg.trainer.max_length} (the answer starts after that many tokens in every row). Raise "
