@@ -173,7 +173,8 @@ def quantization_config(quant_cfg: DictConfig):
     method = quant_cfg.method
     if method == "none":
         return None
-    skip = list(quant_cfg.skip_modules) or None
+    # An explicit list replaces transformers' default (the output head), so the head is added back.
+    skip = [*quant_cfg.skip_modules, "lm_head"] if quant_cfg.skip_modules else None
     if method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     storage = resolve_dtype(quant_cfg.quant_storage) if quant_cfg.quant_storage else torch.uint8

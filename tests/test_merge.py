@@ -116,3 +116,11 @@ def test_chat_gives_the_same_greedy_tokens_from_the_run_and_its_merged_folder(fp
     from_run = chat_mod.chat(app_cfg("chat", [f"run={fp32_run}", *common]))
     from_merged = chat_mod.chat(app_cfg("chat", [f"run={tmp_path / 'm'}", *common]))
     assert from_run == from_merged and len(from_run) > 0
+
+
+def test_chat_sampling_is_seeded(fp32_run):
+    common = [f"run={fp32_run}", "prompt=Hi", "max_new_tokens=8", "stream=false", "do_sample=true", "temperature=1.5"]
+    first = chat_mod.chat(app_cfg("chat", [*common, "seed=1"]))
+    assert first == chat_mod.chat(app_cfg("chat", [*common, "seed=1"]))
+    greedy = chat_mod.chat(app_cfg("chat", [f"run={fp32_run}", "prompt=Hi", "max_new_tokens=8", "stream=false"]))
+    assert {chat_mod.chat(app_cfg("chat", [*common, f"seed={s}"])) for s in range(2, 6)} != {greedy}

@@ -126,3 +126,26 @@ def test_user_data_formats_train(tmp_path, fmt):
                                              "data.eval_fraction=0.3"], tmp_path))
     assert metrics["status"] == "completed"
     assert metrics["task_metric"] == ("none" if fmt == "text.csv" else "exact_match")
+
+
+def test_native_and_fused_loss_paths_give_the_same_loss(tmp_path, captured):
+    losses = {}
+    for loss in ("native", "fused"):
+        train_mod.train(compose_train([*TINY, f"loss={loss}", "trainer.max_steps=2", "score_before=false",
+                                       "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path / loss))
+        trainer = captured["trainer"]
+        assert trainer.native_loss is (loss == "native")
+        losses[loss] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses["native"]) == 2
+    assert losses["native"] == pytest.approx(losses["fused"], rel=1e-3)
+
+
+def test_quant_skip_modules_stay_in_full_precision(tmp_path, captured):
+    import bitsandbytes as bnb
+
+    train_mod.train(compose_train([*TINY, "quant.skip_modules=[down_proj]", "trainer.max_steps=1", "score_before=false",
+                                   "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
+    down = [m for n, m in captured["trainer"].model.named_modules() if n.endswith("down_proj.base_layer")]
+    up = [m for n, m in captured["trainer"].model.named_modules() if n.endswith("up_proj.base_layer")]
+    assert down and not any(isinstance(m, bnb.nn.Linear4bit) for m in down)
+    assert up and all(isinstance(m, bnb.nn.Linear4bit) for m in up)
