@@ -25,8 +25,9 @@ COMMON = ["model=tiny-random", "model.dtype=float32", "trainer.bf16=false", "ada
 
 
 def env() -> dict:
+    # CPU + gloo on every machine (a 1-GPU box cannot hold 2 CUDA ranks)
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
