@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 ADAPTER_PARAM_KEYS = ("lora_", "ia3_", "prompt_encoder", "modules_to_save")
 
 
-def build_peft_config(cfg: DictConfig):
-    """The peft config for ``cfg`` (the ``adapter`` group), or None for method=full. SFTTrainer applies it."""
+def build_peft_config(cfg: DictConfig, tokenizer_path: str | None = None):
+    """The peft config for ``cfg`` (the ``adapter`` group), or None for method=full. SFTTrainer applies it.
+
+    ``tokenizer_path``: where peft loads the tokenizer to embed ``prompt_init_text`` (prompt tuning)."""
     import peft
     from peft import TaskType
 
@@ -44,7 +46,7 @@ def build_peft_config(cfg: DictConfig):
         return peft.PromptTuningConfig(
             task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=save,
             prompt_tuning_init=peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM,
-            prompt_tuning_init_text=text,
+            prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer_path if text else None,
         )
     if cfg.method == "ptuning":
         return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
@@ -56,7 +58,7 @@ def build_peft_config(cfg: DictConfig):
     raise UserError(f"adapter.method={cfg.method!r} is not supported.")
 
 
-def is_merge_free_init(cfg: DictConfig) -> bool:
+def rewrites_base(cfg: DictConfig) -> bool:
     """PiSSA and OLoRA move part of the base weights into the adapter at init (the base is then a residual)."""
     return cfg.method == "lora" and (cfg.init.startswith("pissa") or cfg.init == "olora")
 
@@ -84,7 +86,7 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
 
 def save_initial_adapter(cfg: DictConfig, model, folder: Path) -> Path | None:
     """For PiSSA/OLoRA, save the adapter as initialised, so the final one can be converted to plain LoRA."""
-    if not is_merge_free_init(cfg):
+    if not rewrites_base(cfg):
         return None
     init_dir = folder / "adapter_init"
     if (init_dir / "adapter_config.json").is_file():  # resuming: the original init is already on disk
@@ -122,7 +124,7 @@ def check_only_adapter_trainable(cfg: DictConfig, model) -> tuple[int, int]:
 
 def base_model_only(cfg: DictConfig, model):
     """Context in which ``model`` behaves as the base model (adapter off); a no-op for full fine-tuning."""
-    if cfg.method == "full" or is_merge_free_init(cfg):
+    if cfg.method == "full" or rewrites_base(cfg):
         # PiSSA/OLoRA: disabling the adapter would leave only the residual; at init, residual + adapter is the base.
         return nullcontext()
     return model.disable_adapter()

@@ -14,11 +14,10 @@ import torch
 from omegaconf import DictConfig
 
 from qlora_lab import models
-from qlora_lab.config import register_configs
+from qlora_lab.config import CONF_DIR, register_configs
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.runs import load_run, load_trained
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def load_chat_model(path: str):

@@ -26,6 +26,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from qlora_lab.errors import ConfigError
 
+# The Hydra configs of every command (conf/ at the project root; the package is installed editable).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 # --------------------------------------------------------------------------------------------------------------
 # model / quant / adapter / data
 

@@ -98,11 +98,9 @@ def _load_rows(cfg: DictConfig, path: str, split: str) -> tuple[list[dict[str, A
             raise UserError(f"{fp}: could not read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
     else:
         raise UserError(f"{fp}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
-    if cfg.columns:
-        rows = [{cfg.columns.get(k, k): v for k, v in r.items()} for r in rows]
     if not rows:
         raise UserError(f"{fp}: the file holds no rows. Add at least a few examples.")
-    return rows, str(fp)
+    return _rename(rows, cfg.columns), str(fp)
 
 
 def _read_jsonl(fp: Path) -> list[dict[str, Any]]:
@@ -148,10 +146,14 @@ def _load_hub(cfg: DictConfig, path: str, split: str) -> list[dict[str, Any]]:
         raise UserError(f"could not load hub dataset {path!r} (config {cfg.name!r}, split {split!r}): "
                         f"{str(e).splitlines()[0]}\nFix: check the id and split, or download it and use "
                         "data=file data.path=...") from None
-    rows = ds.to_list()
-    if cfg.columns:
-        rows = [{cfg.columns.get(k, k): v for k, v in r.items()} for r in rows]
-    return rows
+    return _rename(ds.to_list(), cfg.columns)
+
+
+def _rename(rows: list[dict[str, Any]], columns) -> list[dict[str, Any]]:
+    """Apply data.columns ({old: new}) to every row."""
+    if not columns:
+        return rows
+    return [{columns.get(k, k): v for k, v in r.items()} for r in rows]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or in_multirun():
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
@@ -51,7 +51,7 @@ def exit_on_user_error(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

@@ -19,13 +19,12 @@ import torch
 from omegaconf import DictConfig
 
 from qlora_lab import models
-from qlora_lab.config import register_configs
+from qlora_lab.config import CONF_DIR, register_configs
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir
 from qlora_lab.runs import PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 BASES = ("auto", "original", "nf4_roundtrip")
 SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -47,13 +47,6 @@ def bf16_supported() -> bool:
         return torch.cuda.is_bf16_supported()
     # CPU: bf16 matmuls are fast only with AVX512-BF16 / AMX; elsewhere they are emulated and slow.
     try:
-        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")) and _cpu_has_bf16()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _cpu_has_bf16() -> bool:
-    try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False

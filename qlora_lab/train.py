@@ -14,6 +14,7 @@ Run directory (``cfg.output_dir``, Hydra's runtime output dir by default)::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -27,14 +28,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab import adapters, data, models, report, task
-from qlora_lab.config import DEPRECATED_TRAINER_ALIASES, register_configs, validate
+from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
-from qlora_lab.errors import UserError, exit_on_user_error
+from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
 from qlora_lab.sft import EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=adapters.build_peft_config(cfg.adapter),
+        peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
     )
 
 
@@ -250,15 +250,11 @@ def _last_checkpoint(folder: Path) -> str | None:
 def _tokens_seen(checkpoint: str | None) -> int:
     if checkpoint is None:
         return 0
-    import json
-
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return int(state.get("num_input_tokens_seen", 0))
 
 
 def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    import json
-
     path = run_dir / "metrics.json"
     if not path.is_file():
         return {}
@@ -375,7 +371,7 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)  # requeue-able exit for SLURM / submitit
     except Exception as e:
-        if not _in_sweep() or cfg.fail_fast:
+        if not in_multirun() or cfg.fail_fast:
             raise
         return _record_failed_job(cfg, e)
     finally:
@@ -383,13 +379,6 @@ def main(cfg: DictConfig) -> float:
     if is_main_process():
         print((Path(cfg.output_dir) / "report.md").read_text(), file=sys.stdout, flush=True)
     return float(metrics["eval_loss"])
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _record_failed_job(cfg: DictConfig, error: Exception) -> float:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from qlora_lab.config import register_configs
-from qlora_lab.train import CONF_DIR
+from qlora_lab.config import CONF_DIR
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -40,6 +40,30 @@ def compose_train(overrides: list[str] = (), output_dir: Path | None = None) -> 
     with open_dict(cfg):
         cfg.output_dir = str(output_dir) if output_dir else "/nonexistent-run-dir"
     return cfg
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Keep the trainer that train() builds ("trainer") and every parameter as it was when training started
+    ("before": after all adapter initialisation — LoftQ, PiSSA residuals — and before the first step)."""
+    from transformers import Trainer
+
+    from qlora_lab import train as train_mod
+
+    box = {}
+    build, real_train = train_mod._build_trainer, Trainer.train
+
+    def spy(*args, **kwargs):
+        box["trainer"] = build(*args, **kwargs)
+        return box["trainer"]
+
+    def snapshot_then_train(self, *args, **kwargs):
+        box["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_build_trainer", spy)
+    monkeypatch.setattr(Trainer, "train", snapshot_then_train)
+    return box
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,30 +27,7 @@ def cases():
     yield "lora", "fp4"
     yield "lora", "int8"
     yield "lora", "nf4-single"
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    box = {}
-    build = train_mod._build_trainer
-
-    def spy(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        box["trainer"] = trainer
-        return trainer
-
-    # snapshot after all initialisation (LoftQ, PiSSA residuals) = just before training starts
-    real_train = None
-
-    def snapshot_then_train(self, *a, **k):
-        box["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        return real_train(self, *a, **k)
-
-    from transformers import Trainer
-    real_train = Trainer.train
-    monkeypatch.setattr(Trainer, "train", snapshot_then_train)
-    monkeypatch.setattr(train_mod, "_build_trainer", spy)
-    return box
+    yield "prompt-text", "nf4"  # prompt tuning initialised from real token embeddings
 
 
 def reload_plain(cfg, run_dir):
@@ -74,7 +51,9 @@ def reload_plain(cfg, run_dir):
 @pytest.mark.integration
 @pytest.mark.parametrize("adapter, quant", cases())
 def test_adapter_trains_only_itself_and_reloads(tmp_path, captured, adapter, quant):
-    cfg = compose_train([*FAST, f"adapter={adapter}", f"quant={quant}"], tmp_path)
+    extra = ["adapter.prompt_init_text=Extract the facts as JSON:"] if adapter == "prompt-text" else []
+    adapter = adapter.removesuffix("-text")
+    cfg = compose_train([*FAST, f"adapter={adapter}", f"quant={quant}", *extra], tmp_path)
     metrics = train_mod.train(cfg)
     model = captured["trainer"].model.eval()
     before = captured["before"]

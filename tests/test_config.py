@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from qlora_lab.config import TrainerConfig, trainer_field_help, validate
 from qlora_lab.errors import ConfigError
-from qlora_lab.train import CONF_DIR, build_sft_config
+from qlora_lab.config import CONF_DIR
+from qlora_lab.train import build_sft_config
 from tests.conftest import compose_train
 
 GROUPS = ["model", "quant", "adapter", "data", "trainer"]

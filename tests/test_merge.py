@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from qlora_lab import chat as chat_mod
 from qlora_lab.errors import UserError
-from qlora_lab.merge import CONF_DIR, merge
+from qlora_lab.config import CONF_DIR
+from qlora_lab.merge import merge
 from qlora_lab.train import train
 from tests.conftest import TINY, compose_train
 
