@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -314,9 +315,10 @@ def _peak_mem_mb() -> float:
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # a unique probe: under torchrun every rank checks the same shared run dir at the same time
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(f"output_dir={str(run_dir)!r} is not writable ({e.strerror}). Fix: choose another folder "
                         "with hydra.run.dir=...") from None
