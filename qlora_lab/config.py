@@ -237,9 +237,12 @@ class TrainRunConfig:
     max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False
-    # How the training loss is computed: "native" (the model's own cross-entropy over full logits, no per-step
-    # vocab-wide metrics), "fused" (TRL's chunked fused LM head, which also logs entropy and token accuracy; saves
-    # logits memory but runs as slow plain-torch code without Triton), or "auto" (fused on CUDA, native elsewhere).
+    # How the training loss is computed (same value in every case):
+    #   "selective" — logits only for labelled positions, in chunks of <=256 MiB (fastest, least memory; falls back
+    #                 to "native" for prompt/p-tuning and for models that rescale their logits),
+    #   "native"    — the model's own cross-entropy over the full logits,
+    #   "fused"     — TRL's fused LM head, which also logs entropy and token accuracy (slow without Triton),
+    #   "auto"      — selective where it applies, else native.
     loss: str = "auto"
 
 
@@ -301,9 +304,10 @@ LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 DATA_SOURCES = ("demo", "file", "hub")
 DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
 TASK_METRICS = ("auto", "json_match", "exact_match", "none")
-LOSS_IMPLS = ("auto", "native", "fused")
+LOSS_IMPLS = ("auto", "selective", "native", "fused")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random")
+# *-arch: random weights in a published architecture, for benchmarks (qlora_lab.models.ARCH_CONFIGS)
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random", "llama-3.2-1b-arch", "llama-3.1-8b-arch", "qwen2.5-7b-arch")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 

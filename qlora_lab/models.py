@@ -69,6 +69,9 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_cached("smollm2-135m-instruct", _convert_smollm2))
     if name_or_path == "builtin:tiny-random":
         return str(_cached("tiny-random", _build_tiny_random))
+    if name_or_path.removeprefix("builtin:") in ARCH_CONFIGS:
+        name = name_or_path.removeprefix("builtin:")
+        return str(_cached(name, lambda out: _build_arch_only(name, out)))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -131,6 +134,50 @@ def _build_tiny_random(out: Path) -> None:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# Architecture-only models for speed and memory benchmarks where no weights can be downloaded: the published
+# config.json of each model (values copied from the hub's config files), random weights, SmolLM2's tokenizer (its
+# ids are all < 49152, valid in every vocabulary here). Throughput and memory depend on the shapes, not the values.
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+ARCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b-arch": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                              max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                              rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.1-8b-arch": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                              max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                              rope_parameters=_LLAMA3_ROPE),
+    "qwen2.5-7b-arch": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                            max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def arch_config(name: str):
+    """The transformers config of an architecture-only built-in (no weights involved)."""
+    from transformers import AutoConfig
+
+    spec = dict(ARCH_CONFIGS[name])
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def _build_arch_only(name: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct"))
+    config = arch_config(name)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    log.info("Building %s: random weights in the published shapes (%s), once, into %s", name, name, cache_root())
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of billions of weights: far faster on GPU
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 

@@ -6,6 +6,14 @@
   plain torch ops, several full-vocabulary passes per step. The model's own loss (transformers ForCausalLMLoss) is
   the same mean over the same label tokens (``num_items_in_batch`` counts labels != -100 in both). Cost: no
   entropy / mean_token_accuracy in the logs, and the full logits are materialised.
+- ``selective_loss``: logits only where there is a label, in chunks. The LM head is the widest matmul of a small
+  model and the float32 logits are the largest tensor of any model (batch x seq x vocab x 4 bytes); with
+  completion-only loss most positions have no label. A forward pre-hook on the output layer takes the final hidden
+  states of the labelled positions and hands the layer an empty input, then the loss is computed here from those
+  states chunk by chunk (each chunk's logits recomputed in backward, so at most one chunk of logits exists). The
+  hook runs inside the model's own forward, so DDP/FSDP wrappers see an ordinary call. Same value and gradients as
+  the model's own loss (same sum over the same label tokens divided by ``num_items_in_batch``). Liger's fused
+  linear cross-entropy does the same in Triton kernels; it needs CUDA, this needs nothing.
 - Divergence guard: ``max_nonfinite_steps`` consecutive optimizer steps with a non-finite loss stop the run with
   :class:`Diverged` (the checkpoints written before stay; the run is recorded as failed).
 - Preemption: SIGTERM / SIGUSR1 set a flag; at the next step boundary the trainer saves a checkpoint and stops, and
@@ -19,6 +27,8 @@ import os
 import signal
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
@@ -37,9 +47,9 @@ class Preempted(Exception):
 
 
 class QloraSFTTrainer(SFTTrainer):
-    def __init__(self, *args, native_loss: bool = False, max_nonfinite_steps: int = 3, **kwargs):
+    def __init__(self, *args, loss_impl: str = "fused", max_nonfinite_steps: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
-        self.native_loss = native_loss
+        self.loss_impl = loss_impl  # "fused" (TRL's), "native" (the model's), "selective" (labelled positions)
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_steps = 0
         self._step_loss_finite = True
@@ -57,10 +67,40 @@ class QloraSFTTrainer(SFTTrainer):
                 param.data = param.data.to(want)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.native_loss:
+        if self.loss_impl == "fused":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        if self.loss_impl == "native" or return_outputs:  # evaluation wants the logits: the model's own loss
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return self._selective_loss(model, inputs, num_items_in_batch)
+
+    def _selective_loss(self, model, inputs, num_items_in_batch):
+        labels = inputs.pop("labels")
+        targets = F.pad(labels, (0, 1), value=-100)[..., 1:]  # position t predicts token t+1
+        keep = targets != -100
+        head = output_layer(self.accelerator.unwrap_model(model))
+        kept: list[torch.Tensor] = []
+
+        def take_labelled_positions(module, args):
+            kept.append(args[0][keep])          # (labelled tokens, hidden)
+            return (args[0][:, :0],)            # the model's own logits: empty
+
+        handle = head.register_forward_pre_hook(take_labelled_positions)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+        loss = chunked_lm_loss(kept[0], head, targets[keep])
+        if num_items_in_batch is None:
+            return loss / keep.sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            # as Trainer.compute_loss does for the model's own loss: num_items_in_batch counts every rank's tokens,
+            # and DDP averages the gradients over ranks
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -76,6 +116,43 @@ class QloraSFTTrainer(SFTTrainer):
             raise Diverged(f"the training loss was not finite for {self._nonfinite_steps} consecutive steps (up to "
                            f"step {self.state.global_step}). Lower trainer.learning_rate, keep trainer.max_grad_norm "
                            "> 0, or use bf16 instead of fp16; the checkpoints saved before are kept.")
+
+
+# logits per chunk: 2**26 float32 values (256 MiB) whatever the vocabulary
+CHUNK_LOGITS = 2**26
+
+
+def output_layer(model):
+    """The LM head of a (peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def selective_loss_supported(model_config, adapter_method: str) -> str | None:
+    """None if ``loss=selective`` computes exactly what the model's own loss does, else the reason it does not."""
+    if adapter_method in ("prompt", "ptuning"):
+        return "prompt/p-tuning prepend virtual tokens to the sequence, so positions do not line up with labels"
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(model_config, attr, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({attr}); its own loss path is used"
+    return None
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy of ``head(hidden)`` against ``targets``, one chunk of logits at a time."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    chunk = max(128, CHUNK_LOGITS // weight.shape[0])
+    if hidden.shape[0] <= chunk:
+        return _chunk_loss(hidden, weight, bias, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        # recomputed in backward: only one chunk of logits is ever alive
+        total = total + checkpoint(_chunk_loss, h, weight, bias, t, use_reentrant=False)
+    return total
 
 
 class GuardCallback(TrainerCallback):

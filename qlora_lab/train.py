@@ -33,7 +33,8 @@ from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_conf
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
-from qlora_lab.sft import EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer
+from qlora_lab.sft import (EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer,
+                           selective_loss_supported)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
     model = models.build_model(cfg.model, cfg.quant, model_path)
-    trainer = _build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     if len(trainer.train_dataset) == 0:
@@ -164,14 +165,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 # pieces
 
 
-def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
+def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
     _setup_tracking(args, run_dir)
-    native = cfg.loss == "native" or (cfg.loss == "auto" and not torch.cuda.is_available())
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
     return QloraSFTTrainer(
-        native_loss=native,
+        loss_impl=loss_impl(cfg, model.config),
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         model=model,
         args=args,
@@ -180,6 +180,18 @@ def _build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir
         processing_class=tokenizer,
         peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
     )
+
+
+def loss_impl(cfg: DictConfig, model_config) -> str:
+    """The loss path for ``cfg.loss`` on this model (see TrainRunConfig.loss)."""
+    if cfg.loss in ("auto", "selective"):
+        why_not = selective_loss_supported(model_config, cfg.adapter.method)
+        if why_not is None:
+            return "selective"
+        if cfg.loss == "selective":
+            log.warning("loss=selective does not apply here (%s): using loss=native", why_not)
+        return "native"
+    return cfg.loss
 
 
 def _setup_tracking(args, run_dir: Path) -> None:

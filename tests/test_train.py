@@ -110,16 +110,46 @@ def test_user_data_formats_train(tmp_path, fmt):
     assert metrics["task_metric"] == ("none" if fmt == "text.csv" else "exact_match")
 
 
-def test_native_and_fused_loss_paths_give_the_same_loss(tmp_path, captured):
-    losses = {}
-    for loss in ("native", "fused"):
+def test_selective_native_and_fused_loss_paths_train_the_same_adapter(tmp_path, captured):
+    losses, adapters = {}, {}
+    for loss in ("selective", "native", "fused"):
+        # float32 and no dropout: the three paths must agree to float rounding, step by step
         train_mod.train(compose_train([*TINY, f"loss={loss}", "trainer.max_steps=2", "score_before=false",
+                                       "quant=none", "model.dtype=float32", "trainer.bf16=false", "adapter.dropout=0",
                                        "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path / loss))
         trainer = captured["trainer"]
-        assert trainer.native_loss is (loss == "native")
+        assert trainer.loss_impl == loss
         losses[loss] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        adapters[loss] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert len(losses["native"]) == 2
-    assert losses["native"] == pytest.approx(losses["fused"], rel=1e-3)
+    assert losses["selective"] == pytest.approx(losses["native"], rel=1e-5)
+    assert losses["native"] == pytest.approx(losses["fused"], rel=1e-4)
+    for name, value in adapters["native"].items():
+        torch.testing.assert_close(adapters["selective"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_lm_loss_matches_one_pass_in_value_and_gradients(monkeypatch):
+    from qlora_lab import sft
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000, bias=False)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 1000, (300,))
+    ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    ref_grad = torch.autograd.grad(ref, [hidden, head.weight])
+    monkeypatch.setattr(sft, "CHUNK_LOGITS", 1000 * 128)  # 128-token chunks: 3 of them, recomputed in backward
+    got = sft.chunked_lm_loss(hidden, head, targets)
+    got_grad = torch.autograd.grad(got, [hidden, head.weight])
+    torch.testing.assert_close(got, ref)
+    for g, r in zip(got_grad, ref_grad):
+        torch.testing.assert_close(g, r)
+
+
+def test_selective_loss_falls_back_where_positions_do_not_line_up(tmp_path, captured):
+    train_mod.train(compose_train([*TINY, "adapter=prompt", "loss=selective", "trainer.max_steps=1",
+                                   "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no"],
+                                  tmp_path))
+    assert captured["trainer"].loss_impl == "native"
 
 
 def test_quant_skip_modules_stay_in_full_precision(tmp_path, captured):

@@ -1,0 +1,136 @@
+"""Will it fit?": the memory a training run needs, from the model's config alone (no weights loaded).
+
+    weights      quantized linear layers (4-bit: 0.5 byte/param + block constants) + the rest in the model dtype
+    trainable    adapter (or all) parameters + their gradients + AdamW's two states
+    activations  what the backward pass keeps per token and layer (or only each layer's input with activation
+                 checkpointing, plus one layer recomputed at a time)
+    logits       batch x seq x vocab, in bf16 and again in float32 for the loss (and its gradient) — for the
+                 tokens the loss implementation computes logits for
+
+The activation constants count the tensors a Llama-style decoder layer saves for backward (q/k/v/o, the MLP's
+gate/up/act/product, two RMSNorm inputs kept in float32, LoRA-dropout copies of the adapted inputs); they are an
+approximation, which is why `qlora-lab bench` records the estimate beside the measured peak (and the ratio).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+GiB = 2**30
+
+# bytes per parameter of a 4-bit weight: 4 bits + an fp32 absmax per 64-block, or with double quantization an
+# 8-bit absmax per block + an fp32 constant per 256 blocks (the QLoRA paper's 0.127 bit/param)
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+
+
+def count_params(model_config) -> dict[str, int]:
+    """Parameter counts by kind, from an empty (meta-device) model: no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    shapes = [(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and m is not head]
+    return {"total": total, "linear": linear, "other": total - linear, "linear_shapes": shapes}
+
+
+def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
+             dropout: float = 0.05, batch: int = 8, seq_len: int = 512, checkpointing: bool = False,
+             loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
+             adapter_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
+    (what ``loss=selective`` computes logits for)."""
+    n = count_params(model_config)
+    c = model_config
+    h, i = c.hidden_size, c.intermediate_size
+    layers, vocab = c.num_hidden_layers, c.vocab_size
+    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * (
+        getattr(c, "head_dim", None) or h // c.num_attention_heads)
+
+    if quant in ("nf4", "fp4"):
+        weights = n["linear"] * NF4_BYTES[double_quant] + n["other"] * model_bytes
+    elif quant == "int8":
+        weights = n["linear"] * 1.0 + n["other"] * model_bytes
+    else:
+        weights = n["total"] * model_bytes
+
+    if adapter == "full":
+        trainable_params = n["total"]
+        per_param = model_bytes * 4  # parameter, gradient, AdamW exp_avg and exp_avg_sq in the model dtype
+    elif adapter == "lora":
+        trainable_params = sum(r * (fan_in + fan_out) for fan_in, fan_out in n["linear_shapes"])
+        # TRL keeps adapters on a 4-bit base in bf16; on a bf16 base peft keeps them in float32
+        per_param = 4 * (adapter_bytes or (2 if quant != "none" else 4))
+    else:  # prefix / prompt / ia3: a few thousand to a million parameters
+        trainable_params = layers * 2 * kv * 16 if adapter == "prefix" else h * 16
+        per_param = 16
+    trainable = trainable_params * per_param
+
+    tokens = batch * seq_len
+    layer_elems = 8 * h + 3 * kv + 4 * i                 # saved bf16 tensors of one decoder layer, per token
+    layer_bytes = 2 * layer_elems + 4 * 2 * h            # + two RMSNorm inputs kept in float32
+    if adapter == "lora" and dropout > 0:
+        layer_bytes += 3 * (6 * h + i)                   # dropped copies of the adapted inputs (bf16) + masks
+    if checkpointing:
+        activations = tokens * (layers * 2 * h + layer_bytes)
+    else:
+        activations = tokens * layers * layer_bytes
+    if adapter == "full" or quant == "none":
+        activations += tokens * h * 2                   # the embedding output also needs a gradient path
+    logit_tokens = tokens * (loss_tokens if loss == "selective" else 1.0)
+    logits = logit_tokens * vocab * (2 + 4 + 4)          # bf16 logits, float32 copy, float32 gradient
+    if loss == "fused":
+        logits += logit_tokens * vocab * 4               # TRL's entropy / accuracy metrics over the vocabulary
+    total = weights + trainable + activations + logits
+    return {"weights_bytes": int(weights), "trainable_bytes": int(trainable), "activations_bytes": int(activations),
+            "logits_bytes": int(logits), "total_bytes": int(total), "trainable_params": int(trainable_params),
+            "params": int(n["total"])}
+
+
+def describe(est: dict[str, Any], capacity_bytes: int | None = None, where: str = "") -> str:
+    parts = ", ".join(f"{k.removesuffix('_bytes')} {est[k] / GiB:.2f}"
+                      for k in ("weights_bytes", "trainable_bytes", "activations_bytes", "logits_bytes"))
+    line = f"Memory estimate: {est['total_bytes'] / GiB:.2f} GiB ({parts} GiB)"
+    if capacity_bytes:
+        verdict = "fits" if est["total_bytes"] < 0.9 * capacity_bytes else "WILL NOT FIT"
+        line += f" — {verdict} in {capacity_bytes / GiB:.1f} GiB{where}"
+    return line
+
+
+def device_capacity() -> tuple[int | None, str]:
+    """(bytes, description) of the training device's memory: the GPU's total, or the machine's RAM."""
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        return torch.cuda.get_device_properties(idx).total_memory, f" on {torch.cuda.get_device_name(idx)}"
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), " of RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+
+
+def for_run(cfg, model_path: str) -> dict[str, Any] | None:
+    """The estimate for a composed train config (None when the model's config cannot be read offline)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        t = cfg.trainer
+        checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
+        loss = cfg.loss if cfg.loss != "auto" else ("fused" if torch.cuda.is_available() else "native")
+        return estimate(model_config, quant=cfg.quant.method, double_quant=cfg.quant.double_quant,
+                        adapter=cfg.adapter.method, r=cfg.adapter.r, dropout=cfg.adapter.dropout,
+                        batch=t.per_device_train_batch_size, seq_len=t.max_length or 1024,
+                        checkpointing=checkpointing, loss=loss, loss_tokens=0.5)
+    except Exception as e:  # an estimate must never stop a run  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).debug("no memory estimate: %s", e)
+        return None
