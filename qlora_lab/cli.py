@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("qlora_lab.train", "fine-tune an adapter (conf/train.yaml)"),
     "merge": ("qlora_lab.merge", "merge a run's adapter into a standalone model (conf/merge.yaml)"),
     "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
+    "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
     "report": ("qlora_lab.report", "write the sweep report of a multirun folder: report <sweep dir>"),
 }
 

@@ -116,19 +116,48 @@ def device_capacity() -> tuple[int | None, str]:
         return None, ""
 
 
-def for_run(cfg, model_path: str) -> dict[str, Any] | None:
+def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tuple[int, float]:
+    """(padded length of a batch — the longest row, capped at max_length — and the labelled share of tokens),
+    from up to ``sample`` rows in TRL's formats."""
+    lengths, shares = [], []
+    for row in rows.select(range(min(sample, len(rows)))) if hasattr(rows, "select") else rows[:sample]:
+        if "text" in row and row["text"] is not None:
+            n = len(tokenizer(row["text"])["input_ids"])
+            lengths.append(n)
+            shares.append(1.0)
+            continue
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):
+            n_prompt = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                              return_dict=False))
+            n = len(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
+        else:
+            n_prompt = len(tokenizer(prompt)["input_ids"])
+            n = n_prompt + len(tokenizer(completion)["input_ids"])
+        lengths.append(n)
+        shares.append(max(n - n_prompt, 1) / max(n, 1))
+    if not lengths:
+        return max_length or 1024, 1.0
+    longest = max(lengths)
+    return min(longest, max_length) if max_length else longest, sum(shares) / len(shares)
+
+
+def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, Any] | None:
     """The estimate for a composed train config (None when the model's config cannot be read offline)."""
     from transformers import AutoConfig
 
     try:
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
         t = cfg.trainer
+        seq_len, labelled = t.max_length or 1024, 1.0
+        if tokenizer is not None and train_rows is not None:
+            seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
         checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
-        loss = cfg.loss if cfg.loss != "auto" else ("fused" if torch.cuda.is_available() else "native")
+        loss = "selective" if cfg.loss == "auto" else cfg.loss
         return estimate(model_config, quant=cfg.quant.method, double_quant=cfg.quant.double_quant,
                         adapter=cfg.adapter.method, r=cfg.adapter.r, dropout=cfg.adapter.dropout,
-                        batch=t.per_device_train_batch_size, seq_len=t.max_length or 1024,
-                        checkpointing=checkpointing, loss=loss, loss_tokens=0.5)
+                        batch=t.per_device_train_batch_size, seq_len=seq_len, checkpointing=checkpointing,
+                        loss=loss, loss_tokens=labelled)
     except Exception as e:  # an estimate must never stop a run  # noqa: BLE001
         import logging
 

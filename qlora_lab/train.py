@@ -28,7 +28,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapters, data, models, report, task
+from qlora_lab import adapters, data, estimate, models, report, task
 from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -57,6 +57,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
+    fit = estimate.for_run(cfg, model_path, tokenizer, train_ds)  # "will it fit?", before any weight is loaded
+    if fit and main_process:
+        log.info(estimate.describe(fit, *estimate.device_capacity()))
     model = models.build_model(cfg.model, cfg.quant, model_path)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
@@ -147,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_tokens=tokens,
         tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else None,
         peak_mem_mb=_peak_mem_mb(),
+        estimated_mem_mb=round(fit["total_bytes"] / 2**20, 1) if fit else None,
         trainable_params=trainable,
         total_params=total,
         train_rows=len(train_ds),

@@ -51,7 +51,7 @@ def captured(monkeypatch):
     from qlora_lab import train as train_mod
 
     box = {}
-    build, real_train = train_mod._build_trainer, Trainer.train
+    build, real_train = train_mod.build_trainer, Trainer.train
 
     def spy(*args, **kwargs):
         box["trainer"] = build(*args, **kwargs)
@@ -61,7 +61,7 @@ def captured(monkeypatch):
         box["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         return real_train(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "_build_trainer", spy)
+    monkeypatch.setattr(train_mod, "build_trainer", spy)
     monkeypatch.setattr(Trainer, "train", snapshot_then_train)
     return box
 

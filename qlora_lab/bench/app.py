@@ -1,0 +1,300 @@
+"""`qlora-lab bench`: run the matrix, one fresh process per configuration; write JSON, Markdown and a PNG chart.
+
+    qlora-lab bench                                              # SmolLM2-135M on this machine (~10 min, 2 cores)
+    qlora-lab bench model=llama-3.1-8b-arch bench.methods=[qlora] bench.seq_lens=[2048] bench.batch_sizes=[4]
+
+Per configuration: non-padding tokens/s and step time over the measured steps (warm-up steps excluded), peak
+memory (CUDA max allocated / reserved; CPU peak RSS of the process), trainable parameters, MFU (4N FLOPs per token
+for a frozen base, 6N for full fine-tuning, N = matmul parameters), and the memory estimate beside the measurement.
+For every (method, seq_len, batch) the ratios qlora_lab / plain follow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from qlora_lab import estimate, models
+from qlora_lab.bench.rows import bench_rows, write_rows
+from qlora_lab.config import CONF_DIR, _choice, register_configs
+from qlora_lab.errors import ConfigError, exit_on_user_error
+from qlora_lab.files import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+METHODS = ("qlora", "lora", "full", "prefix")
+RECIPES = ("qlora_lab", "plain")
+# dense bf16 tensor-core peak of the SXM cards (NVIDIA datasheets); other GPUs and CPUs are measured
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def validate_bench(cfg: DictConfig) -> None:
+    p: list[str] = []
+    b = cfg.bench
+    for m in b.methods:
+        _choice(p, "bench.methods", m, METHODS)
+    for r in b.recipes:
+        _choice(p, "bench.recipes", r, RECIPES)
+    for key, values, low in (("seq_lens", b.seq_lens, 32), ("batch_sizes", b.batch_sizes, 1)):
+        if not values or any(v < low for v in values):
+            p.append(f"bench.{key}={list(values)}: give a non-empty list of values >= {low}.")
+    if b.steps < 1 or b.warmup_steps < 0:
+        p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}: need steps >= 1 and warmup >= 0.")
+    if p:
+        raise ConfigError(p)
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["label"] = info["gpu"].replace(" ", "-")
+    else:
+        info["label"] = f"cpu-{os.cpu_count()}core-{platform.machine()}"
+    return info
+
+
+def peak_tflops(configured: float | None) -> tuple[float, str]:
+    """(peak bf16 TFLOP/s, where the number comes from)."""
+    if configured:
+        return float(configured), "bench.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for key, value in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{key} datasheet (dense bf16)"
+    device, n = ("cuda", 8192) if torch.cuda.is_available() else ("cpu", 2048)
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    a @ b
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return round(2 * n**3 * reps / (time.perf_counter() - start) / 1e12, 3), f"measured ({n}^3 bf16 matmul, {device})"
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    """Run the matrix of ``cfg.bench`` on ``cfg.model``; write and return the results."""
+    validate_bench(cfg)
+    b = cfg.bench
+    work = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("output_dir"))
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    peak, peak_source = peak_tflops(b.peak_tflops)
+    model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
+    rows_share: dict[int, float] = {}
+    results: list[dict[str, Any]] = []
+    configs = list(itertools.product(b.seq_lens, b.batch_sizes, b.methods, b.recipes))
+    log.info("Benchmark: %d configurations of %s on %s; peak %.1f TFLOP/s (%s)", len(configs),
+             cfg.model.name_or_path, info["label"], peak, peak_source)
+    for seq_len, batch, method, recipe in tqdm(configs, desc="bench", unit="config"):
+        row: dict[str, Any] = {"model": cfg.model.name_or_path, "method": method, "recipe": recipe,
+                               "seq_len": seq_len, "batch": batch}
+        skip = _skip_reason(cfg, method, batch, seq_len)
+        if skip:
+            results.append({**row, "status": "skipped", "note": skip})
+            continue
+        if seq_len not in rows_share:
+            rows_share[seq_len] = _write_rows(work, model_path, seq_len, batch * (b.steps + b.warmup_steps) * 2)
+        row.update(_run_one(cfg, work, model_path, row))
+        if row["status"] == "completed":
+            _add_derived(row, cfg, model_path, peak, rows_share[seq_len])
+        results.append(row)
+        tqdm.write(_summary_line(row))
+    out = {"machine": info, "date": dt.date.today().isoformat(), "model": cfg.model.name_or_path,
+           "peak_tflops": peak, "peak_source": peak_source, "bench": OmegaConf.to_container(b, resolve=True),
+           "results": results, "ratios": ratios(results)}
+    name = b.name or f"bench-{info['label']}-{Path(str(cfg.model.name_or_path)).name.removeprefix('builtin:')}-{out['date']}"
+    folder = Path(hydra.utils.to_absolute_path(b.results_dir)) if HydraConfig.initialized() else Path(b.results_dir)
+    write_json_atomic(folder / f"{name}.json", out)
+    write_text_atomic(folder / f"{name}.md", markdown(out))
+    chart(out, folder / f"{name}.png")
+    log.info("Results: %s.{json,md,png}", folder / name)
+    return out
+
+
+def _runs_here(cfg: DictConfig) -> bool:
+    return torch.cuda.is_available() or not str(cfg.model.name_or_path).endswith("-arch")
+
+
+def _skip_reason(cfg: DictConfig, method: str, batch: int, seq_len: int) -> str | None:
+    if not _runs_here(cfg):
+        return "GPU row: architecture-only models are benchmarked on a GPU (no CUDA device here)"
+    return None
+
+
+def _write_rows(work: Path, model_path: str, seq_len: int, n: int) -> float:
+    """Write the rows for ``seq_len``; return the labelled share of their tokens (for the estimate)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = bench_rows(tokenizer, n, seq_len)
+    write_rows(work / f"rows-{seq_len}.jsonl", rows)
+    shares = [len(tokenizer(r["messages"][-1]["content"])["input_ids"]) /
+              len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
+    return sum(shares) / len(shares)
+
+
+def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) -> dict[str, Any]:
+    b = cfg.bench
+    tag = f"{row['method']}-{row['recipe']}-s{row['seq_len']}-b{row['batch']}"
+    spec = {"recipe": row["recipe"], "method": row["method"], "model_path": model_path,
+            "rows_path": str(work / f"rows-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
+            "steps": b.steps, "warmup_steps": b.warmup_steps, "overrides": list(b.overrides),
+            "output_dir": str(work / tag)}
+    spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    with open(work / f"{tag}.log", "w") as logf:
+        try:
+            subprocess.run([sys.executable, "-m", "qlora_lab.bench.worker", str(spec_path), str(out_path)],
+                           stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=b.timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {b.timeout_s} s (bench.timeout_s)"}
+    if not out_path.is_file():
+        return {"status": "failed", "error": f"the worker died without a result; see {work / (tag + '.log')}"}
+    result = json.loads(out_path.read_text())
+    return {k: v for k, v in result.items() if k not in (*spec, "losses")} | {"first_losses": result.get("losses", [])[:3]}
+
+
+def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: float, labelled: float) -> None:
+    from transformers import AutoConfig
+
+    row["mfu"] = round(row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12), 4)
+    quant = "nf4" if row["method"] == "qlora" else "none"
+    adapter = {"qlora": "lora"}.get(row["method"], row["method"])
+    est = estimate.estimate(AutoConfig.from_pretrained(model_path), quant=quant, adapter=adapter,
+                            batch=row["batch"], seq_len=row["seq_len"], checkpointing=row["checkpointing"],
+                            loss=row["loss_impl"], loss_tokens=labelled)
+    row["estimated_mb"] = round(est["total_bytes"] / 2**20, 1)
+    # what the estimate covers: the device's training memory (CUDA allocated; CPU: RSS above the imports)
+    measured = row.get("cuda_max_allocated_mb") or row["peak_rss_mb"] - row["rss_after_imports_mb"]
+    row["measured_over_estimate"] = round(measured / row["estimated_mb"], 2)
+
+
+def _peak_mb(row: dict[str, Any]) -> float:
+    return row.get("cuda_max_reserved_mb") or row["peak_rss_mb"]
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """qlora_lab / plain for every (method, seq_len, batch) where both completed."""
+    done = {(r["method"], r["seq_len"], r["batch"], r["recipe"]): r for r in results if r["status"] == "completed"}
+    out = []
+    for (method, seq, batch, recipe), ours in done.items():
+        plain = done.get((method, seq, batch, "plain"))
+        if recipe == "qlora_lab" and plain:
+            out.append({"method": method, "seq_len": seq, "batch": batch,
+                        "tokens_per_s_ratio": round(ours["tokens_per_s"] / plain["tokens_per_s"], 2),
+                        "peak_mem_ratio": round(_peak_mb(ours) / _peak_mb(plain), 2)})
+    return out
+
+
+def _summary_line(r: dict[str, Any]) -> str:
+    head = f"{r['method']:>6} {r['recipe']:>9} seq {r['seq_len']:>5} batch {r['batch']:>3}: "
+    if r["status"] != "completed":
+        return head + f"{r['status']} — {r.get('error') or r.get('note')}"
+    return head + (f"{r['tokens_per_s']:>9.1f} tok/s  step {r['step_time_s']:.3f} s  peak {_peak_mb(r):,.0f} MiB  "
+                   f"MFU {100 * r['mfu']:.1f}%")
+
+
+def markdown(out: dict[str, Any]) -> str:
+    m = out["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
+    cuda = "gpu" in m
+    lines = [f"# qlora-lab bench — {out['model']} on {where}, {out['date']}", "",
+             f"Peak for MFU: {out['peak_tflops']} TFLOP/s ({out['peak_source']}); {out['bench']['steps']} measured "
+             f"steps after {out['bench']['warmup_steps']} warm-up; tokens = non-padding tokens; rows of "
+             "seq_len/4 to seq_len tokens; each configuration in a fresh process.", ""]
+    if out["bench"]["overrides"]:
+        lines += [f"qlora_lab overrides: `{' '.join(out['bench']['overrides'])}`", ""]
+    mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
+    lines += [f"| method | seq | batch | recipe | tok/s | step s | {mem} | estimate MiB (meas./est.) | MFU | "
+              "trainable | loss | ckpt |", "|" + "---|" * (13 if cuda else 12)]
+    for r in out["results"]:
+        key = f"| {r['method']} | {r['seq_len']} | {r['batch']} | {r['recipe']} |"
+        if r["status"] != "completed":
+            lines.append(f"{key} {r['status']}: {r.get('error') or r.get('note')} |" + " |" * (8 if cuda else 7))
+            continue
+        memcols = (f"{r['cuda_max_reserved_mb']:,.0f} | {r['cuda_max_allocated_mb']:,.0f}" if cuda
+                   else f"{r['peak_rss_mb']:,.0f}")
+        lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f} | {memcols} | "
+                     f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
+                     f"{r['trainable_params']:,} | {r['loss_impl']} | {'on' if r['checkpointing'] else 'off'} |")
+    if out["ratios"]:
+        lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
+                  "| method | seq | batch | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['tokens_per_s_ratio']}x | "
+                  f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in out["results"] if r["status"] == "completed"]
+    if not done:
+        return
+    labels = sorted({(r["method"], r["seq_len"], r["batch"]) for r in done}, key=str)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(labels)) * 2, 4))
+    width = 0.8 / len(RECIPES)
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
+                           (axes[1], "peak", "peak memory MiB (lower is better)")):
+        for k, recipe in enumerate(RECIPES):
+            values = []
+            for label in labels:
+                r = next((r for r in done if (r["method"], r["seq_len"], r["batch"]) == label
+                          and r["recipe"] == recipe), None)
+                values.append((_peak_mb(r) if key == "peak" else r[key]) if r else 0)
+            ax.bar([i + k * width for i in range(len(labels))], values, width, label=recipe)
+        ax.set_xticks([i + width / 2 for i in range(len(labels))], [f"{m}\n{s}x{b}" for m, s, b in labels])
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{out['model']} — {out['machine'].get('gpu') or out['machine']['label']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the Hydra shell
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    out = bench(cfg)
+    print(markdown(out), flush=True)
+    speedups = [x["tokens_per_s_ratio"] for x in out["ratios"]]
+    return float(sum(speedups) / len(speedups)) if speedups else float("nan")

@@ -1,0 +1,147 @@
+"""One benchmark configuration in one fresh process: `python -m qlora_lab.bench.worker SPEC.json OUT.json`.
+
+A fresh process per configuration keeps peak-memory numbers (RSS on CPU, the CUDA caching allocator's peaks)
+and warm caches from leaking between configurations. OUT.json is written even when the configuration fails
+(status "failed" and the error's last line), so one bad configuration never stops the matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+METHOD_OVERRIDES = {
+    "qlora": ["quant=nf4", "adapter=lora"],
+    "lora": ["quant=none", "adapter=lora"],
+    "full": ["quant=none", "adapter=full"],
+    "prefix": ["quant=none", "adapter=prefix"],
+}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and non-padding tokens at every optimizer step's end."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+        self.losses: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+    def measure(self, warmup: int) -> dict[str, Any]:
+        (t0, n0), (t1, n1) = self.marks[warmup], self.marks[-1]
+        steps = len(self.marks) - 1 - warmup
+        return {"measured_steps": steps, "tokens": n1 - n0, "seconds": round(t1 - t0, 3),
+                "tokens_per_s": round((n1 - n0) / (t1 - t0), 2), "step_time_s": round((t1 - t0) / steps, 4)}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _matmul_params(model_config) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding (kept when tied: the head)."""
+    from qlora_lab.estimate import count_params
+
+    total = count_params(model_config)["total"]
+    tied = getattr(model_config, "tie_word_embeddings", False)
+    return total if tied else total - model_config.vocab_size * model_config.hidden_size
+
+
+def _qlora_lab_trainer(spec: dict, callbacks: list):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from qlora_lab import adapters, data, models
+    from qlora_lab.config import CONF_DIR, register_configs, validate
+    from qlora_lab.train import build_trainer
+
+    register_configs()
+    overrides = [f"model.name_or_path={spec['model_path']}", *METHOD_OVERRIDES[spec["method"]], "data=file",
+                 f"data.path={spec['rows_path']}", f"data.eval_path={spec['rows_path']}", "data.task_eval_samples=0",
+                 "score_before=false", f"trainer.per_device_train_batch_size={spec['batch']}",
+                 f"trainer.max_length={spec['seq_len']}", f"trainer.max_steps={spec['steps'] + spec['warmup_steps']}",
+                 "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.logging_steps=1",
+                 "trainer.report_to=none", *spec.get("overrides", [])]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = spec["output_dir"]
+    validate(cfg)
+    train_ds, eval_ds = data.load_splits(cfg.data)
+    model_path = models.resolve_model_path(cfg.model.name_or_path)
+    tokenizer = models.build_tokenizer(cfg.model, model_path)
+    model = models.build_model(cfg.model, cfg.quant, model_path)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, Path(spec["output_dir"]))
+    adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": bool(trainer.args.gradient_checkpointing)}
+
+
+def _plain_trainer(spec: dict, callbacks: list):
+    from qlora_lab.bench import plain_recipe
+
+    trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
+                                 spec["seq_len"], spec["steps"] + spec["warmup_steps"], spec["output_dir"], callbacks)
+    return trainer, {"loss_impl": "fused", "checkpointing": bool(trainer.args.gradient_checkpointing)}
+
+
+def run(spec: dict) -> dict[str, Any]:
+    result: dict[str, Any] = {"status": "running", "rss_after_imports_mb": _rss_mb("VmRSS")}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer()
+    build = _qlora_lab_trainer if spec["recipe"] == "qlora_lab" else _plain_trainer
+    trainer, info = build(spec, [timer])
+    result.update(info)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result.update(trainable_params=trainable, matmul_params=_matmul_params(trainer.model.config))
+    trainer.train()
+    result.update(timer.measure(spec["warmup_steps"]))
+    factor = 6 if spec["method"] == "full" else 4  # forward 2N + input-gradient 2N (+ weight-gradient 2N)
+    result["flops_per_token"] = factor * result["matmul_params"]
+    result["losses"] = timer.losses
+    if torch.cuda.is_available():
+        result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    result["peak_rss_mb"] = _rss_mb("VmHWM")
+    result["status"] = "completed"
+    return result
+
+
+def main() -> None:
+    spec_path, out_path = Path(sys.argv[1]), Path(sys.argv[2])
+    spec = json.loads(spec_path.read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = run(spec)
+    except Exception as e:  # recorded, so that the matrix goes on  # noqa: BLE001
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]}
+    out_path.write_text(json.dumps({**spec, **result}, indent=1))
+    sys.exit(0 if result["status"] == "completed" else 1)
+
+
+if __name__ == "__main__":
+    main()

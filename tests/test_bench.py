@@ -1,0 +1,54 @@
+"""`qlora-lab bench` as a user runs it: a smoke matrix on the tiny model writes well-formed results (no timing
+assertions: speed claims come from benchmarks/, not tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import assert_clean_failure, run_cli
+
+
+@pytest.mark.integration
+def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
+    proc = run_cli("bench", "model=tiny-random", "bench.methods=[qlora]", "bench.seq_lens=[160]",
+                   "bench.batch_sizes=[2]", "bench.steps=2", "bench.warmup_steps=1",
+                   f"bench.results_dir={tmp_path}", "bench.name=smoke", f"hydra.run.dir={tmp_path / 'work'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "smoke.json").read_text())
+    assert out["model"] == "builtin:tiny-random" and out["peak_tflops"] > 0
+    assert [r["recipe"] for r in out["results"]] == ["qlora_lab", "plain"]
+    for r in out["results"]:
+        assert r["status"] == "completed", r
+        assert r["measured_steps"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["mfu"] < 1 and r["peak_rss_mb"] > r["rss_after_imports_mb"] > 0
+        assert r["trainable_params"] == 32768  # LoRA r16 on the tiny model's 14 linear layers
+        assert r["estimated_mb"] > 0 and r["flops_per_token"] == 4 * r["matmul_params"]
+    ours, plain = out["results"]
+    assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
+    assert plain["loss_impl"] == "fused" and plain["checkpointing"]  # SFTConfig's defaults
+    (ratio,) = out["ratios"]
+    assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"], abs=0.01)
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| qlora | 160 | 2 | qlora_lab |" in table and "tokens/s ratio" in table
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli("bench", "model=llama-3.1-8b-arch", "bench.methods=[qlora]", "bench.seq_lens=[2048]",
+                   f"bench.results_dir={tmp_path}", "bench.name=gpu", f"hydra.run.dir={tmp_path / 'work'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["results"]
+    assert {r["status"] for r in rows} == {"skipped"} and "GPU" in rows[0]["note"]
+
+
+def test_bad_bench_settings_are_reported_together(tmp_path):
+    proc = run_cli("bench", "bench.methods=[qlorra]", "bench.seq_lens=[]", "bench.steps=0",
+                   f"hydra.run.dir={tmp_path}")
+    assert_clean_failure(proc, "bench.methods='qlorra'", "Did you mean 'qlora'?", "bench.seq_lens=[]",
+                         "bench.steps=0", "3 problem(s)")
