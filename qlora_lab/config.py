@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +64,8 @@ class QuantConfig:
     compute_dtype: str = "auto"
     # Module names kept in full precision (the LM head is always kept).
     skip_modules: list[str] = field(default_factory=list)
-    # 4-bit storage dtype; set it to the compute dtype for FSDP ("bfloat16"), else null (uint8).
+    # 4-bit storage dtype: null (uint8) for one process or DDP; under FSDP / DeepSpeed ZeRO-3 the model's dtype
+    # ("bfloat16"), so that the packed 4-bit weights shard with the rest (the validator checks it).
     quant_storage: Optional[str] = None
 
 
@@ -324,6 +327,97 @@ def _choice(problems: list[str], key: str, value: Any, choices: tuple[str, ...])
         problems.append(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _zero_stage(problems: list[str], t: DictConfig) -> int | None:
+    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed.
+
+    ``trainer.deepspeed`` (a JSON file or a mapping, as for TrainingArguments) wins over what ``accelerate launch``
+    exports: ACCELERATE_USE_DEEPSPEED=true with ACCELERATE_DEEPSPEED_ZERO_STAGE, or ACCELERATE_DEEPSPEED_CONFIG_FILE
+    (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Without a stage, accelerate's DeepSpeedPlugin uses 2.
+    """
+    ds = t.get("deepspeed")
+    if not ds and not _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    if not ds and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    source = ds or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if OmegaConf.is_dict(source):
+        conf = OmegaConf.to_container(source)
+    elif source:
+        key = "trainer.deepspeed" if ds else "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+        try:
+            conf = json.loads(Path(str(source)).expanduser().read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{key}={str(source)!r}: not a readable DeepSpeed JSON config ({e}).")
+            return None
+    else:
+        return 2
+    stage = (conf.get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
+
+
+def _sharded_by(problems: list[str], t: DictConfig) -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when the run shards its parameters across processes, else None.
+
+    FSDP: ``accelerate launch`` with an FSDP config exports ACCELERATE_USE_FSDP=true; torchrun users set
+    ``trainer.fsdp`` (TrainingArguments.fsdp).
+    """
+    if _env_true("ACCELERATE_USE_FSDP") or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no"):
+        return "FSDP"
+    return "DeepSpeed ZeRO-3" if _zero_stage(problems, t) == 3 else None
+
+
+def _dtype_name(name: str) -> str:
+    if name != "auto":
+        return name
+    from qlora_lab.models import bf16_supported  # torch: only imported when a sharded run needs it
+
+    return "bfloat16" if bf16_supported() else "float32"
+
+
+def _sharding_problems(problems: list[str], cfg: DictConfig) -> None:
+    """What FSDP / DeepSpeed ZeRO-3 cannot run: rank-0-only generation, and quantization they cannot shard.
+
+    Both flatten and shard floating-point parameters only, and FSDP flattens a wrapped unit into one dtype. 4-bit
+    bitsandbytes weights are packed into ``bnb_4bit_quant_storage`` (uint8 unless set); FSDP-QLoRA and ZeRO-3 +
+    QLoRA store them in the model's float dtype instead (bitsandbytes docs "FSDP-QLoRA"; peft docs
+    accelerate/fsdp.md and accelerate/deepspeed.md: ``bnb_4bit_quant_storage`` = the ``dtype`` the model is loaded
+    in). That storage exists for 4-bit only: LLM.int8 weights stay int8 tensors.
+    """
+    m, q, d = cfg.model, cfg.quant, cfg.data
+    sharded = _sharded_by(problems, cfg.trainer)
+    if sharded is None:
+        return
+    if d.task_metric != "none" and d.task_eval_samples > 0:
+        # train.py scores the held-out task after training on rank 0 alone (generation is not collective), but a
+        # forward through a sharded model all-gathers its weights from every rank
+        problems.append(f"data.task_eval_samples={d.task_eval_samples} under {sharded}: the held-out task score "
+                        f"generates on rank 0 alone, but every forward of a {sharded}-sharded model gathers its "
+                        "weights from all ranks, so rank 0 would wait for the others after training, before the "
+                        "adapter is saved. Set data.task_eval_samples=0 (eval_loss is still computed on all ranks) "
+                        "and score the saved adapter on one GPU.")
+    if q.method == "none":
+        return
+    if q.method == "int8":
+        problems.append(f"quant.method=int8 under {sharded}: LLM.int8 weights are int8 tensors, which {sharded} "
+                        "cannot shard (bitsandbytes' float quant_storage exists for 4-bit only). Use quant=nf4 with "
+                        "quant.quant_storage=bfloat16 (QLoRA), quant=none, or int8 under DDP / DeepSpeed ZeRO-2.")
+        return
+    storage, model_dtype = q.quant_storage, m.dtype
+    if (storage is not None and storage not in DTYPES) or model_dtype not in DTYPES:
+        return  # reported as a bad choice already
+    if storage is None or _dtype_name(storage) != _dtype_name(model_dtype):
+        problems.append(
+            f"quant.quant_storage={storage or 'null (uint8)'} with quant.method={q.method} under {sharded}: the "
+            f"4-bit weights must be stored in the dtype of the model's other weights (model.dtype={model_dtype}), "
+            f"or {sharded} cannot shard them with the rest (it flattens each unit's floating-point weights into one "
+            "dtype). Set quant.quant_storage=bfloat16 with model.dtype=bfloat16 (or auto on a bf16 GPU) and "
+            "quant.compute_dtype=bfloat16.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise one :class:`ConfigError` listing every problem found."""
     p: list[str] = []
@@ -345,6 +439,9 @@ def validate(cfg: DictConfig) -> None:
     # quant
     _choice(p, "quant.method", q.method, QUANT_METHODS)
     _choice(p, "quant.compute_dtype", q.compute_dtype, DTYPES)
+    if q.quant_storage is not None:
+        _choice(p, "quant.quant_storage", q.quant_storage, DTYPES)
+    _sharding_problems(p, cfg)  # FSDP / DeepSpeed ZeRO-3 (from the launcher's environment or trainer.*)
 
     # adapter
     _choice(p, "adapter.method", a.method, ADAPTER_METHODS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,128 @@ def test_bad_overrides_are_rejected_at_composition(override, needle):
     with pytest.raises((ConfigCompositionException, HydraException, OmegaConfBaseException)) as e:
         compose_train([override])
     assert needle in str(e.value)
+
+
+# ---- multi-GPU launch: the accelerate configs (conf/accelerate/*.yml) and what the validator refuses under them
+
+ACCELERATE_DIR = Path(CONF_DIR) / "accelerate"
+# what the validator reads from the launcher's environment
+LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+              "ACCELERATE_DEEPSPEED_CONFIG_FILE")
+
+
+def accelerate_env(config_file: Path) -> dict[str, str]:
+    """The environment `accelerate launch --config_file <file> -m qlora_lab train` gives every process: accelerate's
+    own code path (commands/launch.py launch_command), without starting anything."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "qlora_lab", "train"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:
+        fields = [*defaults.deepspeed_config, *(["mixed_precision"] if mp_from_config else [])]
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        return prepare_deepspeed_cmd_env(args)[1]
+    return prepare_multi_gpu_env(args)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """launched("fsdp_qlora"): this process sees what `accelerate launch` with that config exports."""
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+    def launch(name: str) -> dict[str, str]:
+        env = accelerate_env(ACCELERATE_DIR / f"{name}.yml")
+        for key in LAUNCH_ENV:
+            if key in env:
+                monkeypatch.setenv(key, env[key])
+        return env
+
+    return launch
+
+
+def test_accelerate_configs_load_with_accelerates_own_config_class():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    kinds = {f.stem: ClusterConfig.from_yaml_file(str(f)).distributed_type for f in ACCELERATE_DIR.glob("*.yml")}
+    assert kinds == {"ddp": DistributedType.MULTI_GPU, "fsdp_qlora": DistributedType.FSDP,
+                     "deepspeed_zero2": DistributedType.DEEPSPEED, "deepspeed_zero3": DistributedType.DEEPSPEED}
+    assert not list(ACCELERATE_DIR.glob("*.yaml"))  # .yaml would make Hydra offer a bogus `accelerate=` group
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ddp", {"ACCELERATE_USE_FSDP": None, "ACCELERATE_USE_DEEPSPEED": None, "ACCELERATE_MIXED_PRECISION": "no"}),
+    # peft docs (accelerate/fsdp.md) for QLoRA: cpu_ram_efficient_loading, no use_orig_params, offload
+    ("fsdp_qlora", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_USE_ORIG_PARAMS": "false",
+                    "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_SYNC_MODULE_STATES": "true",
+                    "FSDP_OFFLOAD_PARAMS": "true", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                    "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}),
+    ("deepspeed_zero2", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+    ("deepspeed_zero3", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                         "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+                         "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}),
+])
+def test_accelerate_launch_exports_what_each_config_promises(name, expected):
+    env = accelerate_env(ACCELERATE_DIR / f"{name}.yml")
+    assert {key: env.get(key) for key in expected} == expected
+
+
+NO_TASK_SCORE = "data.task_eval_samples=0"  # rank-0 generation cannot run under sharding (tested below)
+
+
+@pytest.mark.parametrize("launcher, overrides, needle", [
+    ("fsdp_qlora", [], "quant.quant_storage=null (uint8) with quant.method=nf4 under FSDP"),
+    ("fsdp_qlora", ["quant.quant_storage=bfloat16", "model.dtype=float32"], "(model.dtype=float32)"),
+    ("fsdp_qlora", ["quant=int8"], "quant.method=int8 under FSDP"),
+    ("deepspeed_zero3", ["quant=fp4"], "quant.method=fp4 under DeepSpeed ZeRO-3"),
+    ("deepspeed_zero3", ["quant=int8"], "quant.method=int8 under DeepSpeed ZeRO-3"),
+])
+def test_sharded_launch_refuses_quantized_weights_it_cannot_shard(launched, launcher, overrides, needle):
+    launched(launcher)
+    with pytest.raises(ConfigError) as e:
+        validate(compose_train([NO_TASK_SCORE, *overrides]))
+    assert needle in str(e.value) and "quant.quant_storage=bfloat16" in str(e.value)  # the fix is named
+    assert len(e.value.problems) == 1
+
+
+@pytest.mark.parametrize("launcher, overrides", [
+    ("fsdp_qlora", ["quant.quant_storage=bfloat16", "model.dtype=bfloat16"]),
+    ("fsdp_qlora", ["quant=none"]),
+    ("deepspeed_zero3", ["quant.quant_storage=bfloat16", "model.dtype=bfloat16"]),
+    ("deepspeed_zero2", ["quant=int8"]),
+    ("ddp", []),
+])
+def test_sharded_launch_accepts_float_storage_and_unsharded_launches_anything(launched, launcher, overrides):
+    launched(launcher)
+    validate(compose_train([NO_TASK_SCORE, *overrides]))
+
+
+@pytest.mark.parametrize("launcher", ["fsdp_qlora", "deepspeed_zero3"])
+def test_sharded_launch_refuses_the_rank0_task_score(launched, launcher):
+    launched(launcher)
+    with pytest.raises(ConfigError, match=r"data.task_eval_samples=\d+ under .*rank 0 alone") as e:
+        validate(compose_train(["quant=none"]))
+    assert len(e.value.problems) == 1
+    validate(compose_train(["quant=none", "data.task_metric=none"]))
+
+
+def test_sharding_requested_through_trainer_fields_is_checked_too(tmp_path, monkeypatch):
+    """torchrun users turn FSDP / DeepSpeed on with TrainingArguments fields instead of accelerate's config."""
+    for key in LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    zero3, zero2 = tmp_path / "zero3.json", tmp_path / "zero2.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    zero2.write_text('{"zero_optimization": {"stage": 2}}')
+    for override, needle in [("trainer.fsdp=full_shard", "under FSDP"),
+                             (f"trainer.deepspeed={zero3}", "under DeepSpeed ZeRO-3"),
+                             ("trainer.deepspeed={zero_optimization:{stage:3}}", "under DeepSpeed ZeRO-3"),
+                             (f"trainer.deepspeed={tmp_path}/missing.json", "not a readable DeepSpeed JSON config")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            validate(compose_train([override]))
+    validate(compose_train([f"trainer.deepspeed={zero2}"]))
+    validate(compose_train(["trainer.fsdp=full_shard", "quant.quant_storage=bfloat16", "model.dtype=bfloat16",
+                            NO_TASK_SCORE]))
+    with pytest.raises(ConfigError, match="quant.quant_storage='bf16' is not one of"):
+        validate(compose_train(["quant.quant_storage=bf16"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -56,6 +57,59 @@ def test_torchrun_two_ranks_matches_one_process_with_the_same_global_batch(tmp_p
         assert torch.allclose(a[k].float(), b[k].float(), atol=tol, rtol=tol), (k, (a[k].float() - b[k].float()).abs().max())
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     # the same trajectory, step by step (losses and gradient norms are all-reduced over ranks)
-    hist = [[v for e in json.loads((d / "log_history.json").read_text()) if "loss" in e
-             for v in (e["loss"], e["grad_norm"])] for d in (run, single)]
+    hist = [trajectory(d) for d in (run, single)]
     assert len(hist[0]) == 6 and hist[0] == pytest.approx(hist[1], rel=1e-3)
+
+
+def trajectory(run_dir) -> list[float]:
+    """Loss and gradient norm of every logged step."""
+    return [v for e in json.loads((run_dir / "log_history.json").read_text()) if "loss" in e
+            for v in (e["loss"], e["grad_norm"])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_slurm(tmp_path, job_id: str) -> dict:
+    """A one-node SLURM allocation on this machine: srun runs its command once, scontrol names localhost."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": job_id,
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+            "MASTER_PORT": str(free_port())}
+
+
+def test_slurm_sbatch_torchrun_and_submitit_tasks_train_the_same_two_rank_run(tmp_path):
+    """The two SLURM paths on a fake one-node allocation, 2 CPU ranks each: examples/slurm/train_multigpu.sbatch
+    (srun → torchrun, c10d rendezvous) and launcher=slurm_multigpu's callback (2 submitit tasks → RANK,
+    WORLD_SIZE)."""
+    overrides = [*COMMON, "quant=none", "trainer.per_device_train_batch_size=2"]
+    sbatch_run = tmp_path / "sbatch_run"
+    slurm = fake_slurm(tmp_path, "101")
+    proc = subprocess.run(["bash", str(ROOT / "examples/slurm/train_multigpu.sbatch"), *overrides],
+                          env={**slurm, "GPUS_PER_NODE": "2", "PYTHON": sys.executable, "RUN_DIR": str(sbatch_run)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # what submitit does with tasks_per_node=2: the same job function in 2 processes, told apart by SLURM_PROCID
+    tasks_run = tmp_path / "tasks_run"
+    tasks = [subprocess.Popen([sys.executable, "-m", "qlora_lab", "train", "launcher=slurm_multigpu", *overrides,
+                               f"hydra.run.dir={tasks_run}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**slurm, "SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "2",
+                                   "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
+    for task in tasks:
+        _, err = task.communicate(timeout=600)
+        assert task.returncode == 0, err[-3000:]
+
+    for run in (sbatch_run, tasks_run):
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+    assert len(trajectory(sbatch_run)) == 6 and trajectory(sbatch_run) == pytest.approx(trajectory(tasks_run), rel=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,36 @@ def test_tracking_to_tensorboard_and_mlflow_offline(tmp_path, monkeypatch):
     for f in [*run.rglob("*"), *(tmp_path / "mlruns").rglob("*")]:
         if f.is_file() and f.stat().st_size < 5_000_000:
             assert b"SECRET_SENTINEL" not in f.read_bytes(), f
+
+
+def test_slurm_multigpu_preset_submits_one_process_per_gpu_and_makes_them_ranks(tmp_path, monkeypatch):
+    """launcher=slurm_multigpu composes into the sbatch submitit would write, and adds the callback that turns the
+    tasks into torch.distributed ranks (exercised on a fake allocation in tests/test_distributed.py)."""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from qlora_lab.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["launcher=slurm_multigpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2",
+                                 f"hydra.sweep.dir={tmp_path}"])
+    assert cfg.hydra.callbacks.slurm_ranks._target_ == "qlora_lab.distributed.SlurmTasksAsRanks"
+    assert "sweep_report" in cfg.hydra.callbacks  # added to, not replaced
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher" and launcher.params["tasks_per_node"] == 4
+
+    # the executor parameters exactly as the launcher passes them (hydra_submitit_launcher's launch())
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit insists on finding srun
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / ".submitit")
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in launcher.params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    sbatch = executor._executor._make_submission_file_text("python -u -m submitit.core._submit", "0")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"):
+        assert line in sbatch, sbatch
