@@ -250,6 +250,42 @@ class TrainRunConfig:
 
 
 @dataclass
+class BenchConfig:
+    """What `qlora-lab bench` measures: every (seq_len, batch_size, method, recipe), each in a fresh process."""
+
+    # Methods: "qlora" (NF4 base + LoRA), "lora" (bf16 base + LoRA), "full" (bf16, every weight), "prefix" (bf16 base
+    # + prefix tuning). LoRA settings are the adapter/lora defaults (r 16, alpha 32, dropout 0.05, all-linear).
+    methods: list[str] = field(default_factory=lambda: ["qlora", "lora", "full", "prefix"])
+    # "qlora_lab" (this tool's default recipe: `qlora-lab train`'s own builders) and "plain" (the hand-written TRL +
+    # peft + bitsandbytes script with library defaults, qlora_lab/bench/plain_recipe.py).
+    recipes: list[str] = field(default_factory=lambda: ["qlora_lab", "plain"])
+    # Longest row in tokens (trainer.max_length); rows are drawn with lengths uniform in [seq_len/4, seq_len].
+    seq_lens: list[int] = field(default_factory=lambda: [256])
+    # Rows per step (per_device_train_batch_size; no gradient accumulation).
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    # Optimizer steps measured, after `warmup_steps` steps that are not (allocation, kernel selection, caches).
+    steps: int = 6
+    warmup_steps: int = 2
+    # Extra `qlora-lab train` overrides for the qlora_lab recipe: the levers, e.g. ["loss=native"].
+    overrides: list[str] = field(default_factory=list)
+    # Where results go: <results_dir>/<name>.{json,md,png}; name null = <machine>-<date>.
+    results_dir: str = "benchmarks/results"
+    name: Optional[str] = None
+    # Peak bf16 FLOP/s for MFU, in TFLOP/s; null = 989 on H100/H200, else a matmul measured at start.
+    peak_tflops: Optional[float] = None
+    # Seconds before a configuration's process is stopped (recorded as failed).
+    timeout_s: int = 1800
+
+
+@dataclass
+class BenchRunConfig:
+    """Primary config of `qlora-lab bench` (conf/bench.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+@dataclass
 class MergeRunConfig:
     """Primary config of `qlora-lab merge` (conf/merge.yaml)."""
 
@@ -296,6 +332,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="merge_schema", node=MergeRunConfig)
     cs.store(name="chat_schema", node=ChatRunConfig)
+    cs.store(name="bench_schema", node=BenchRunConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------
