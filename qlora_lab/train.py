@@ -27,6 +27,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from qlora_lab import adapters, data, estimate, models, report, task
 from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
@@ -75,18 +76,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- before: the base model alone (adapter disabled)
     metrics: dict[str, Any] = {"status": "running"}
     resume = _last_checkpoint(run_dir / "checkpoints")
-    if cfg.score_before and resume is None and world_size() > 1:
-        # Measured: scoring/evaluating before train() under torchrun (2 CPU ranks, gloo) changed the first step's
-        # all-reduced gradients (grad norm 0.828 vs 0.802 single-process, same loss); cause not found yet, so the
-        # "before" numbers are skipped in multi-process runs until it is (score the base with one process).
-        log.warning("score_before is skipped in multi-process runs (world size %d)", world_size())
-    elif cfg.score_before and metric and resume is None:
-        with adapters.base_model_only(cfg.adapter, trainer.model):
-            if main_process:  # generation is not collective: rank 0 scores alone
+    before_eval = None
+    if cfg.score_before and metric and resume is None:
+        if main_process:  # generation is not collective: rank 0 scores alone
+            with adapters.base_model_only(cfg.adapter, trainer.model):
                 before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
-                metrics["task_score_before"] = before["score"]
-                log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
-            metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="before")["before_loss"]
+            metrics["task_score_before"] = before["score"]
+            log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
+        before_eval = EvalBeforeTraining(trainer, cfg.adapter)
+        trainer.add_callback(before_eval)
     elif resume is not None:
         metrics.update(_previous_metrics(run_dir, ("task_score_before", "eval_loss_before")))
 
@@ -115,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                          "last_checkpoint": checkpoint})
         raise Preempted(f"stopped by {guard.preempted_by} at step {trainer.state.global_step}; checkpoint {checkpoint}. "
                         "Rerun the same command (same hydra.run.dir) to resume.")
+    if before_eval is not None:
+        metrics["eval_loss_before"] = before_eval.loss
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
 
@@ -172,9 +172,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
     _setup_tracking(args, run_dir)
+    truncate_to = _apply_batching(args, cfg.batching)
+    _apply_memory_budget(args, cfg, model, tokenizer, train_ds)
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
-    return QloraSFTTrainer(
+    trainer = QloraSFTTrainer(
         loss_impl=loss_impl(cfg, model.config),
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         model=model,
@@ -184,6 +186,74 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
         processing_class=tokenizer,
         peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
     )
+    if truncate_to:
+        trainer.train_dataset = _truncate(trainer.train_dataset, truncate_to)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = _truncate(trainer.eval_dataset, truncate_to)
+    return trainer
+
+
+def _apply_batching(args, batching: str) -> int | None:
+    """Set the SFTConfig fields for ``batching``; return the length to truncate rows to ourselves, if any."""
+    if batching == "grouped":
+        if hasattr(args, "train_sampling_strategy"):  # transformers >= 5.2x
+            args.train_sampling_strategy = "group_by_length"
+        else:
+            args.group_by_length = True
+    elif batching == "padding_free":
+        args.padding_free = True
+        # TRL 1.16 refuses padding_free with a max_length ("not enforced"), although its dataset preparation
+        # truncates to max_length all the same; so TRL gets None and the rows are truncated here, the same way
+        # (keep the start, drop rows left without a label).
+        truncate_to, args.max_length = args.max_length, None
+        return truncate_to
+    return None
+
+
+def _truncate(dataset, max_length: int):
+    dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length],
+                                       "labels": row["labels"][:max_length]})
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> None:
+    """Checkpoint every n-th decoder layer, with the smallest n whose estimated step fits cfg.memory_budget_gb."""
+    if cfg.memory_budget_gb is None:
+        return
+    if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
+        log.warning("memory_budget_gb is ignored for adapter=prefix (it cannot use activation checkpointing)")
+        return
+    budget = cfg.memory_budget_gb * 2**30
+    full = estimate.for_run(cfg, model.name_or_path, tokenizer, train_ds, checkpointing=False)
+    if full is None or full["total_bytes"] <= budget:
+        return
+    every = estimate.checkpoint_every_n(cfg, model.name_or_path, tokenizer, train_ds, budget)
+    if not hasattr(args, "activation_checkpointing_kwargs"):  # transformers < 5.2x: all layers or none
+        log.warning("memory_budget_gb: this transformers version checkpoints all layers or none; all layers")
+        args.gradient_checkpointing = True
+        return
+    args.activation_checkpointing = True
+    args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}
+    log.info("memory_budget_gb=%s: estimated %.2f GiB without checkpointing; checkpointing every %d layer(s)",
+             cfg.memory_budget_gb, full["total_bytes"] / 2**30, every)
+
+
+class EvalBeforeTraining(TrainerCallback):
+    """The base model's eval loss (adapter off), evaluated when train() begins.
+
+    Not before train(): Trainer.evaluate() on a model train() has not wrapped yet prepares it with accelerate's
+    prepare_model(evaluation_mode=True), which marks the bare model as prepared, and train()'s prepare() then never
+    wraps it in DDP (accelerate: "Ensure we can't double wrap a model") — gradients were not all-reduced (measured
+    on 2 CPU ranks: first grad norm 0.828 instead of 0.802, different adapters per rank). At on_train_begin the
+    model is already wrapped, as for the Trainer's own eval_on_start.
+    """
+
+    def __init__(self, trainer, adapter_cfg: DictConfig):
+        self.trainer, self.adapter_cfg, self.loss = trainer, adapter_cfg, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        with adapters.base_model_only(self.adapter_cfg, self.trainer.model):
+            self.loss = self.trainer.evaluate(metric_key_prefix="before")["before_loss"]
 
 
 def loss_impl(cfg: DictConfig, model_config) -> str:

@@ -117,3 +117,34 @@ def test_loftq_without_cuda_is_refused(monkeypatch):
 def test_prefix_with_activation_checkpointing_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="trainer.activation_checkpointing=false"):
         validate(compose_train(["adapter=prefix", "trainer.gradient_checkpointing=true"]))
+
+
+def test_fast_dropout_has_dropouts_distribution_and_gradient():
+    from qlora_lab.adapters import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.05).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 2e-3           # p(drop) = 0.05 (to 1/65536)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.95), rtol=1e-4)  # kept values rescaled
+    rows, cols = kept.float().mean(1), kept.float().mean(0)         # no structure from the 16-bit lanes
+    assert rows.std() < 0.02 and cols.std() < 0.02
+    assert not torch.equal(kept, drop(x) != 0)                      # a new mask every call
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())                          # d(sum)/dx = mask * scale
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured):
+    from qlora_lab.adapters import FastDropout
+
+    train_mod.train(compose_train([*TINY, "adapter.dropout_impl=fast", "trainer.max_steps=2", "score_before=false",
+                                   "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
+    model = captured["trainer"].model
+    fast = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert len(fast) == 14 and not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in b)                         # gradients reached every adapter

@@ -52,6 +52,9 @@ def validate_bench(cfg: DictConfig) -> None:
     for key, values, low in (("seq_lens", b.seq_lens, 32), ("batch_sizes", b.batch_sizes, 1)):
         if not values or any(v < low for v in values):
             p.append(f"bench.{key}={list(values)}: give a non-empty list of values >= {low}.")
+    for name in b.variants:
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            p.append(f"bench.variants: name {name!r} must be letters, digits, '-' or '_'.")
     if b.steps < 1 or b.warmup_steps < 0:
         p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}: need steps >= 1 and warmup >= 0.")
     if p:
@@ -88,11 +91,12 @@ def peak_tflops(configured: float | None) -> tuple[float, str]:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     a @ b
-    reps, start = 5, time.perf_counter()
-    for _ in range(reps):
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:  # at least 2 s of matmuls, so the clock's resolution is irrelevant
         a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
+        reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
     return round(2 * n**3 * reps / (time.perf_counter() - start) / 1e12, 3), f"measured ({n}^3 bf16 matmul, {device})"
 
 
@@ -107,7 +111,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
     rows_share: dict[int, float] = {}
     results: list[dict[str, Any]] = []
-    configs = list(itertools.product(b.seq_lens, b.batch_sizes, b.methods, b.recipes))
+    recipes = [*b.recipes, *(f"qlora_lab:{name}" for name in b.variants)]
+    configs = list(itertools.product(b.seq_lens, b.batch_sizes, b.methods, recipes))
     log.info("Benchmark: %d configurations of %s on %s; peak %.1f TFLOP/s (%s)", len(configs),
              cfg.model.name_or_path, info["label"], peak, peak_source)
     for seq_len, batch, method, recipe in tqdm(configs, desc="bench", unit="config"):
@@ -161,10 +166,12 @@ def _write_rows(work: Path, model_path: str, seq_len: int, n: int) -> float:
 def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) -> dict[str, Any]:
     b = cfg.bench
     tag = f"{row['method']}-{row['recipe']}-s{row['seq_len']}-b{row['batch']}"
-    spec = {"recipe": row["recipe"], "method": row["method"], "model_path": model_path,
+    recipe, _, variant = row["recipe"].partition(":")
+    tag = tag.replace(":", "-")
+    overrides = [*b.overrides, *(b.variants[variant] if variant else [])]
+    spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
             "rows_path": str(work / f"rows-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
-            "steps": b.steps, "warmup_steps": b.warmup_steps, "overrides": list(b.overrides),
-            "output_dir": str(work / tag)}
+            "steps": b.steps, "warmup_steps": b.warmup_steps, "overrides": overrides, "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
@@ -178,7 +185,8 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
     if not out_path.is_file():
         return {"status": "failed", "error": f"the worker died without a result; see {work / (tag + '.log')}"}
     result = json.loads(out_path.read_text())
-    return {k: v for k, v in result.items() if k not in (*spec, "losses")} | {"first_losses": result.get("losses", [])[:3]}
+    return ({k: v for k, v in result.items() if k not in (*spec, "losses")}
+            | {"overrides": overrides, "first_losses": result.get("losses", [])[:3]})
 
 
 def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: float, labelled: float) -> None:
@@ -206,15 +214,15 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (method, seq, batch, recipe), ours in done.items():
         plain = done.get((method, seq, batch, "plain"))
-        if recipe == "qlora_lab" and plain:
-            out.append({"method": method, "seq_len": seq, "batch": batch,
+        if recipe.startswith("qlora_lab") and plain:
+            out.append({"method": method, "seq_len": seq, "batch": batch, "recipe": recipe,
                         "tokens_per_s_ratio": round(ours["tokens_per_s"] / plain["tokens_per_s"], 2),
                         "peak_mem_ratio": round(_peak_mb(ours) / _peak_mb(plain), 2)})
     return out
 
 
 def _summary_line(r: dict[str, Any]) -> str:
-    head = f"{r['method']:>6} {r['recipe']:>9} seq {r['seq_len']:>5} batch {r['batch']:>3}: "
+    head = f"{r['method']:>6} {r['recipe']:>24} seq {r['seq_len']:>5} batch {r['batch']:>3}: "
     if r["status"] != "completed":
         return head + f"{r['status']} — {r.get('error') or r.get('note')}"
     return head + (f"{r['tokens_per_s']:>9.1f} tok/s  step {r['step_time_s']:.3f} s  peak {_peak_mb(r):,.0f} MiB  "
@@ -231,6 +239,10 @@ def markdown(out: dict[str, Any]) -> str:
              "seq_len/4 to seq_len tokens; each configuration in a fresh process.", ""]
     if out["bench"]["overrides"]:
         lines += [f"qlora_lab overrides: `{' '.join(out['bench']['overrides'])}`", ""]
+    for name, overrides in out["bench"]["variants"].items():
+        lines.append(f"- `qlora_lab:{name}` = qlora_lab with `{' '.join(overrides)}`")
+    if out["bench"]["variants"]:
+        lines.append("")
     mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
     lines += [f"| method | seq | batch | recipe | tok/s | step s | {mem} | estimate MiB (meas./est.) | MFU | "
               "trainable | loss | ckpt |", "|" + "---|" * (13 if cuda else 12)]
@@ -246,15 +258,18 @@ def markdown(out: dict[str, Any]) -> str:
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {'on' if r['checkpointing'] else 'off'} |")
     if out["ratios"]:
         lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
-                  "| method | seq | batch | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|"]
-        lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['tokens_per_s_ratio']}x | "
+                  "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['recipe']} | {x['tokens_per_s_ratio']}x | "
                   f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
     return "\n".join(lines) + "\n"
 
 
 def chart(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no chart (%s)", path)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -263,10 +278,11 @@ def chart(out: dict[str, Any], path: Path) -> None:
         return
     labels = sorted({(r["method"], r["seq_len"], r["batch"]) for r in done}, key=str)
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(labels)) * 2, 4))
-    width = 0.8 / len(RECIPES)
+    recipes = list(dict.fromkeys(r["recipe"] for r in done))
+    width = 0.8 / len(recipes)
     for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (higher is better)"),
                            (axes[1], "peak", "peak memory MiB (lower is better)")):
-        for k, recipe in enumerate(RECIPES):
+        for k, recipe in enumerate(recipes):
             values = []
             for label in labels:
                 r = next((r for r in done if (r["method"], r["seq_len"], r["batch"]) == label
