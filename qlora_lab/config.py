@@ -251,10 +251,11 @@ class TrainRunConfig:
     #   "padding_free" — shuffled rows concatenated without padding, attention kept inside each row (position_ids):
     #                    least memory; attention then spans the whole batch's length, slower on CPU.
     batching: str = "grouped"
-    # Activation memory budget in GiB for the whole step (weights + adapter + activations + logits, as the
-    # "will it fit?" estimate computes it). Over budget, every n-th decoder layer is checkpointed (recomputed in
-    # backward) with the smallest n that fits. null = no budget (trainer.gradient_checkpointing decides alone).
-    memory_budget_gb: Optional[float] = None
+    # Memory budget in GiB for a training step (weights + adapter + activations + logits, as the "will it fit?"
+    # estimate computes them). Over budget, every n-th decoder layer is checkpointed (recomputed in backward), with
+    # the largest n that fits. "auto" = 90% of the GPU's memory on CUDA, no budget on CPU; null = no budget
+    # (trainer.gradient_checkpointing alone decides).
+    memory_budget_gb: Any = "auto"
     # How the training loss is computed (same value in every case):
     #   "selective" — logits only for labelled positions, in chunks of <=256 MiB (fastest, least memory; falls back
     #                 to "native" for prompt/p-tuning and for models that rescale their logits),
@@ -482,8 +483,10 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
     _choice(p, "batching", cfg.batching, BATCHING)
-    if cfg.memory_budget_gb is not None and cfg.memory_budget_gb <= 0:
-        p.append(f"memory_budget_gb={cfg.memory_budget_gb}: give a positive number of GiB, or null for no budget.")
+    budget = cfg.memory_budget_gb
+    if not (budget is None or budget == "auto" or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                                                    and budget > 0)):
+        p.append(f"memory_budget_gb={budget!r}: give a positive number of GiB, 'auto' (90% of the GPU) or null.")
     if cfg.max_nonfinite_steps < 0:
         p.append(f"max_nonfinite_steps={cfg.max_nonfinite_steps}: must be >= 0 (0 disables the divergence check).")
 

@@ -218,12 +218,17 @@ def _truncate(dataset, max_length: int):
 
 def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> None:
     """Checkpoint every n-th decoder layer, with the smallest n whose estimated step fits cfg.memory_budget_gb."""
-    if cfg.memory_budget_gb is None:
+    budget_gb = cfg.memory_budget_gb
+    if budget_gb == "auto":
+        if not torch.cuda.is_available():
+            return  # CPU: the RAM is the limit and speed matters more; set a number to trade speed for memory
+        budget_gb = 0.9 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    if budget_gb is None or args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
         return
     if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
         log.warning("memory_budget_gb is ignored for adapter=prefix (it cannot use activation checkpointing)")
         return
-    budget = cfg.memory_budget_gb * 2**30
+    budget = float(budget_gb) * 2**30
     full = estimate.for_run(cfg, model.name_or_path, tokenizer, train_ds, checkpointing=False)
     if full is None or full["total_bytes"] <= budget:
         return
@@ -234,8 +239,8 @@ def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> N
         return
     args.activation_checkpointing = True
     args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}
-    log.info("memory_budget_gb=%s: estimated %.2f GiB without checkpointing; checkpointing every %d layer(s)",
-             cfg.memory_budget_gb, full["total_bytes"] / 2**30, every)
+    log.info("memory budget %.1f GiB: estimated %.2f GiB without checkpointing; checkpointing every %d layer(s)",
+             float(budget_gb), full["total_bytes"] / 2**30, every)
 
 
 class EvalBeforeTraining(TrainerCallback):

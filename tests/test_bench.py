@@ -27,7 +27,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
         assert r["estimated_mb"] > 0 and r["flops_per_token"] == 4 * r["matmul_params"]
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
-    assert plain["loss_impl"] == "fused" and plain["checkpointing"]  # SFTConfig's defaults
+    assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
     (ratio,) = out["ratios"]
     assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"], abs=0.01)
     table = (tmp_path / "smoke.md").read_text()

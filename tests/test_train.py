@@ -161,3 +161,73 @@ def test_quant_skip_modules_stay_in_full_precision(tmp_path, captured):
     up = [m for n, m in captured["trainer"].model.named_modules() if n.endswith("up_proj.base_layer")]
     assert down and not any(isinstance(m, bnb.nn.Linear4bit) for m in down)
     assert up and all(isinstance(m, bnb.nn.Linear4bit) for m in up)
+
+
+def test_memory_budget_checkpoints_every_nth_layer_and_trains_the_same_adapter(tmp_path, captured):
+    exact = ["quant=none", "model.dtype=float32", "trainer.bf16=false", "adapter.dropout=0", "trainer.max_steps=2",
+             "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no"]
+    adapters = {}
+    for budget in ("null", "0.001"):  # 1 MiB: nothing fits, so every layer (n=1) is checkpointed
+        train_mod.train(compose_train([*TINY, *exact, f"memory_budget_gb={budget}"], tmp_path / budget))
+        trainer = captured["trainer"]
+        args = trainer.args
+        if budget == "null":
+            assert not args.activation_checkpointing
+        else:
+            assert args.activation_checkpointing and args.activation_checkpointing_kwargs["every_n_layers"] == 1
+            layers = trainer.model.get_base_model().model.layers
+            assert all(layer.gradient_checkpointing for layer in layers)
+        adapters[budget] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    # recomputing activations must not change a thing: the same adapter after 2 steps, every layer's A and B moved
+    for name, value in adapters["null"].items():
+        torch.testing.assert_close(adapters["0.001"][name], value, rtol=1e-5, atol=1e-6)
+    assert all(v.abs().sum() > 0 for n, v in adapters["0.001"].items() if "lora_B" in n)
+
+
+def test_checkpoint_every_n_picks_the_fewest_layers_that_fit():
+    from omegaconf import open_dict
+    from transformers import AutoTokenizer
+
+    from qlora_lab import estimate, models
+
+    cfg = compose_train(["model=tiny-random"])
+    path = models.resolve_model_path(cfg.model.name_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [{"prompt": [{"role": "user", "content": "word " * 200}],
+             "completion": [{"role": "assistant", "content": "yes"}]}] * 4
+    with open_dict(cfg):
+        cfg.trainer.per_device_train_batch_size = 64
+    none = estimate.for_run(cfg, path, tok, rows, checkpointing=False)["total_bytes"]
+    half = estimate.for_run(cfg, path, tok, rows, checkpointing=0.5)["total_bytes"]
+    every = estimate.for_run(cfg, path, tok, rows, checkpointing=True)["total_bytes"]
+    assert none > half > every
+    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=none) == 2   # n=2 is the largest n (2 layers)
+    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=half) == 2
+    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=every - 1) == 1
+
+
+@pytest.mark.parametrize("batching", ["shuffled", "padding_free"])
+def test_batching_modes_train_and_padding_free_keeps_max_length(tmp_path, captured, batching):
+    metrics = train_mod.train(compose_train([*TINY, f"batching={batching}", "trainer.max_length=115",
+                                             "trainer.max_steps=2", "score_before=false",
+                                             "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
+    trainer = captured["trainer"]
+    assert metrics["status"] == "completed"
+    assert max(len(ids) for ids in trainer.train_dataset["input_ids"]) <= 115  # rows truncated to max_length
+    assert all(any(x != -100 for x in labels) for labels in trainer.train_dataset["labels"])
+    if batching == "padding_free":
+        assert trainer.args.padding_free and trainer.args.max_length is None  # TRL's own check, sidestepped
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # one row, positions restart per row
+    else:
+        assert trainer.args.train_sampling_strategy == "random"
+
+
+def test_default_batching_groups_rows_by_length(tmp_path, captured):
+    train_mod.train(compose_train([*TINY, "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
+                                   "trainer.save_strategy=no"], tmp_path))
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer = captured["trainer"]
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)

@@ -255,13 +255,17 @@ def markdown(out: dict[str, Any]) -> str:
                    else f"{r['peak_rss_mb']:,.0f}")
         lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f} | {memcols} | "
                      f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
-                     f"{r['trainable_params']:,} | {r['loss_impl']} | {'on' if r['checkpointing'] else 'off'} |")
+                     f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} |")
     if out["ratios"]:
         lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
                   "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['recipe']} | {x['tokens_per_s_ratio']}x | "
                   f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
     return "\n".join(lines) + "\n"
+
+
+def _share(checkpointed: float) -> str:
+    return {0: "off", 1: "all"}.get(checkpointed, f"{100 * checkpointed:.0f}% of layers")
 
 
 def chart(out: dict[str, Any], path: Path) -> None:

@@ -96,7 +96,17 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     for cb in callbacks:
         trainer.add_callback(cb)
-    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": bool(trainer.args.gradient_checkpointing)}
+    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer)}
+
+
+def _checkpointed_share(trainer) -> float:
+    """The share of decoder layers whose activations are recomputed in backward (0, 1, or 1/n for every n-th)."""
+    args = trainer.args
+    if not (getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing):
+        return 0.0
+    every = (getattr(args, "activation_checkpointing_kwargs", None) or {}).get("every_n_layers", 1)
+    layers = trainer.model.config.num_hidden_layers
+    return round(len(range(0, layers, every)) / layers, 3)
 
 
 def _plain_trainer(spec: dict, callbacks: list):
@@ -104,7 +114,7 @@ def _plain_trainer(spec: dict, callbacks: list):
 
     trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
                                  spec["seq_len"], spec["steps"] + spec["warmup_steps"], spec["output_dir"], callbacks)
-    return trainer, {"loss_impl": "fused", "checkpointing": bool(trainer.args.gradient_checkpointing)}
+    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer)}
 
 
 def run(spec: dict) -> dict[str, Any]:
