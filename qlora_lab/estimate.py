@@ -80,7 +80,8 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
     share = float(checkpointing)
     kept = layers - round(layers * share)                  # layers that keep all their activations
-    activations = tokens * (kept * layer_bytes + (layers - kept) * 2 * h + (layer_bytes if share else 0))
+    # + one checkpointed layer recomputed at a time; with some layers kept, the later ones are freed by then
+    activations = tokens * (kept * layer_bytes + (layers - kept) * 2 * h + (layer_bytes if kept == 0 else 0))
     if adapter == "full" or quant == "none":
         activations += tokens * h * 2                   # the embedding output also needs a gradient path
     logit_tokens = tokens * (loss_tokens if loss == "selective" else 1.0)

@@ -139,7 +139,8 @@ def selective_loss_supported(model_config, adapter_method: str) -> str | None:
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+    # the head's dtype, as autocast would give it (IA3 on a 4-bit base hands over float32 hidden states)
+    return F.cross_entropy(F.linear(hidden.to(weight.dtype), weight, bias).float(), targets, reduction="sum")
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ def test_torchrun_two_ranks_matches_one_process_with_the_same_global_batch(tmp_p
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     # the same trajectory, step by step (losses and gradient norms are all-reduced over ranks)
     hist = [trajectory(d) for d in (run, single)]
-    assert len(hist[0]) == 6 and hist[0] == pytest.approx(hist[1], rel=1e-3)
+    # QLoRA's gradient norms are bf16: one ulp (2^-8 relative) apart at most
+    assert len(hist[0]) == 6 and hist[0] == pytest.approx(hist[1], rel=1e-3 if quant == "none" else 8e-3)
     # the "before" scores ran in both (an evaluate() before train() once kept DDP from wrapping the model)
     before = [json.loads((d / "metrics.json").read_text()) for d in (run, single)]
     assert before[0]["eval_loss_before"] == pytest.approx(before[1]["eval_loss_before"], rel=1e-4)
