@@ -14,9 +14,13 @@ approximation, which is why `qlora-lab bench` records the estimate beside the me
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 
@@ -43,10 +47,10 @@ def count_params(model_config) -> dict[str, int]:
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
              dropout: float = 0.05, batch: int = 8, seq_len: int = 512, checkpointing: bool | float = False,
              loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
-             adapter_bytes: int | None = None) -> dict[str, Any]:
+             counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
-    (what ``loss=selective`` computes logits for)."""
-    n = count_params(model_config)
+    (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known."""
+    n = counts or count_params(model_config)
     c = model_config
     h, i = c.hidden_size, c.intermediate_size
     layers, vocab = c.num_hidden_layers, c.vocab_size
@@ -66,7 +70,7 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     elif adapter == "lora":
         trainable_params = sum(r * (fan_in + fan_out) for fan_in, fan_out in n["linear_shapes"])
         # TRL keeps adapters on a 4-bit base in bf16; on a bf16 base peft keeps them in float32
-        per_param = 4 * (adapter_bytes or (2 if quant != "none" else 4))
+        per_param = 4 * (2 if quant != "none" else 4)
     else:  # prefix / prompt / ia3: a few thousand to a million parameters
         trainable_params = layers * 2 * kv * 16 if adapter == "prefix" else h * 16
         per_param = 16
@@ -110,8 +114,6 @@ def device_capacity() -> tuple[int | None, str]:
         idx = torch.cuda.current_device()
         return torch.cuda.get_device_properties(idx).total_memory, f" on {torch.cuda.get_device_name(idx)}"
     try:
-        import os
-
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), " of RAM"
     except (ValueError, OSError, AttributeError):
         return None, ""
@@ -143,41 +145,48 @@ def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tu
     return min(longest, max_length) if max_length else longest, sum(shares) / len(shares)
 
 
-def for_run(cfg, model_path: str, tokenizer=None, train_rows=None, checkpointing: float | None = None
-            ) -> dict[str, Any] | None:
-    """The estimate for a composed train config (None when the model's config cannot be read offline);
-    ``checkpointing`` overrides the config's (a fraction of layers, or bool)."""
+def _run_inputs(cfg, model_path: str, tokenizer, train_rows) -> tuple[Any, dict[str, Any]]:
+    """(model config, estimate() keywords) of a composed train config; the data are sampled once here."""
     from transformers import AutoConfig
 
-    try:
-        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        t = cfg.trainer
-        seq_len, labelled = t.max_length or 1024, 1.0
-        if tokenizer is not None and train_rows is not None:
-            seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
-        if checkpointing is None:
-            checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
-        loss = "selective" if cfg.loss == "auto" else cfg.loss
-        return estimate(model_config, quant=cfg.quant.method, double_quant=cfg.quant.double_quant,
-                        adapter=cfg.adapter.method, r=cfg.adapter.r, dropout=cfg.adapter.dropout,
-                        batch=t.per_device_train_batch_size, seq_len=seq_len, checkpointing=checkpointing,
-                        loss=loss, loss_tokens=labelled)
-    except Exception as e:  # an estimate must never stop a run  # noqa: BLE001
-        import logging
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    t = cfg.trainer
+    seq_len, labelled = t.max_length or 1024, 1.0
+    if tokenizer is not None and train_rows is not None:
+        seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
+    return model_config, dict(
+        quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method, r=cfg.adapter.r,
+        dropout=cfg.adapter.dropout, batch=t.per_device_train_batch_size, seq_len=seq_len,
+        checkpointing=bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing")),
+        loss="selective" if cfg.loss == "auto" else cfg.loss, loss_tokens=labelled)
 
-        logging.getLogger(__name__).debug("no memory estimate: %s", e)
+
+def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, Any] | None:
+    """The estimate for a composed train config (None when the model's config cannot be read offline)."""
+    try:
+        model_config, kwargs = _run_inputs(cfg, model_path, tokenizer, train_rows)
+        return estimate(model_config, **kwargs)
+    except Exception as e:  # an estimate must never stop a run  # noqa: BLE001
+        log.debug("no memory estimate: %s", e)
         return None
 
 
-def checkpoint_every_n(cfg, model_path: str, tokenizer, train_rows, budget_bytes: float) -> int:
-    """The largest n such that checkpointing every n-th decoder layer brings the estimate under the budget
-    (1 = every layer, when nothing less fits)."""
-    from transformers import AutoConfig
-
-    layers = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).num_hidden_layers
+def checkpoint_plan(cfg, model_path: str, tokenizer, train_rows, budget_bytes: float) -> tuple[int, int] | None:
+    """(estimated bytes without checkpointing, n) where n is the largest such that checkpointing every n-th
+    decoder layer brings the estimate under the budget (1 = every layer, when nothing less fits); None when the
+    run fits as it is or cannot be estimated."""
+    try:
+        model_config, kwargs = _run_inputs(cfg, model_path, tokenizer, train_rows)
+    except Exception as e:  # noqa: BLE001
+        log.debug("no memory estimate: %s", e)
+        return None
+    counts = count_params(model_config)
+    full = estimate(model_config, **{**kwargs, "checkpointing": False}, counts=counts)["total_bytes"]
+    if full <= budget_bytes:
+        return None
+    layers = model_config.num_hidden_layers
     for n in range(layers, 1, -1):
         share = len(range(0, layers, n)) / layers
-        est = for_run(cfg, model_path, tokenizer, train_rows, checkpointing=share)
-        if est is not None and est["total_bytes"] <= budget_bytes:
-            return n
-    return 1
+        if estimate(model_config, **{**kwargs, "checkpointing": share}, counts=counts)["total_bytes"] <= budget_bytes:
+            return full, n
+    return full, 1

@@ -1,12 +1,12 @@
 """The SFTTrainer qlora_lab runs: TRL's, plus a loss-path switch, a divergence guard and preemption handling.
 
-- ``native_loss``: compute the loss with the model's own cross-entropy instead of TRL 1.16's fused LM head.
+- ``loss_impl`` "native": the model's own cross-entropy instead of TRL 1.16's fused LM head.
   TRL routes every step through ``fused_lm_head=True`` (trl/trainer/sft_trainer.py compute_loss), which computes
   log-probs, entropy and top-1 accuracy over the full vocabulary in tiles; without Triton (CPU) those tiles run as
   plain torch ops, several full-vocabulary passes per step. The model's own loss (transformers ForCausalLMLoss) is
   the same mean over the same label tokens (``num_items_in_batch`` counts labels != -100 in both). Cost: no
   entropy / mean_token_accuracy in the logs, and the full logits are materialised.
-- ``selective_loss``: logits only where there is a label, in chunks. The LM head is the widest matmul of a small
+- ``loss_impl`` "selective" (the default where it applies): logits only where there is a label, in chunks. The LM head is the widest matmul of a small
   model and the float32 logits are the largest tensor of any model (batch x seq x vocab x 4 bytes); with
   completion-only loss most positions have no label. A forward pre-hook on the output layer takes the final hidden
   states of the labelled positions and hands the layer an empty input, then the loss is computed here from those

@@ -217,7 +217,7 @@ def _truncate(dataset, max_length: int):
 
 
 def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> None:
-    """Checkpoint every n-th decoder layer, with the smallest n whose estimated step fits cfg.memory_budget_gb."""
+    """Checkpoint every n-th decoder layer, with the largest n whose estimated step fits cfg.memory_budget_gb."""
     budget_gb = cfg.memory_budget_gb
     if budget_gb == "auto":
         if not torch.cuda.is_available():
@@ -228,11 +228,10 @@ def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> N
     if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
         log.warning("memory_budget_gb is ignored for adapter=prefix (it cannot use activation checkpointing)")
         return
-    budget = float(budget_gb) * 2**30
-    full = estimate.for_run(cfg, model.name_or_path, tokenizer, train_ds, checkpointing=False)
-    if full is None or full["total_bytes"] <= budget:
+    plan = estimate.checkpoint_plan(cfg, model.name_or_path, tokenizer, train_ds, float(budget_gb) * 2**30)
+    if plan is None:
         return
-    every = estimate.checkpoint_every_n(cfg, model.name_or_path, tokenizer, train_ds, budget)
+    full, every = plan
     if not hasattr(args, "activation_checkpointing_kwargs"):  # transformers < 5.2x: all layers or none
         log.warning("memory_budget_gb: this transformers version checkpoints all layers or none; all layers")
         args.gradient_checkpointing = True
@@ -240,7 +239,7 @@ def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> N
     args.activation_checkpointing = True
     args.activation_checkpointing_kwargs = {**(args.activation_checkpointing_kwargs or {}), "every_n_layers": every}
     log.info("memory budget %.1f GiB: estimated %.2f GiB without checkpointing; checkpointing every %d layer(s)",
-             float(budget_gb), full["total_bytes"] / 2**30, every)
+             float(budget_gb), full / 2**30, every)
 
 
 class EvalBeforeTraining(TrainerCallback):

@@ -52,3 +52,21 @@ def test_bad_bench_settings_are_reported_together(tmp_path):
                    f"hydra.run.dir={tmp_path}")
     assert_clean_failure(proc, "bench.methods='qlorra'", "Did you mean 'qlora'?", "bench.seq_lens=[]",
                          "bench.steps=0", "3 problem(s)")
+
+
+def test_variants_get_their_own_ratio_and_bad_names_are_refused():
+    from omegaconf import OmegaConf
+
+    from qlora_lab.bench.app import ratios, validate_bench
+    from qlora_lab.errors import ConfigError
+
+    row = {"method": "qlora", "seq_len": 256, "batch": 8, "status": "completed", "peak_rss_mb": 100.0}
+    results = [{**row, "recipe": "plain", "tokens_per_s": 100.0},
+               {**row, "recipe": "qlora_lab", "tokens_per_s": 300.0},
+               {**row, "recipe": "qlora_lab:shuffled", "tokens_per_s": 250.0, "peak_rss_mb": 150.0}]
+    assert [(r["recipe"], r["tokens_per_s_ratio"], r["peak_mem_ratio"]) for r in ratios(results)] == [
+        ("qlora_lab", 3.0, 1.0), ("qlora_lab:shuffled", 2.5, 1.5)]
+    bench = {"methods": ["qlora"], "recipes": ["qlora_lab"], "seq_lens": [256], "batch_sizes": [8], "steps": 1,
+             "warmup_steps": 0, "variants": {"a:b": ["batching=shuffled"]}}
+    with pytest.raises(ConfigError, match="bench.variants: name 'a:b'"):
+        validate_bench(OmegaConf.create({"bench": bench}))

@@ -208,3 +208,25 @@ def test_sharding_requested_through_trainer_fields_is_checked_too(tmp_path, monk
                             NO_TASK_SCORE]))
     with pytest.raises(ConfigError, match="quant.quant_storage='bf16' is not one of"):
         validate(compose_train(["quant.quant_storage=bf16"]))
+
+
+def test_speed_and_memory_options_are_validated_together():
+    cfg = compose_train(["batching=grouped2", "memory_budget_gb=-1", "adapter.dropout_impl=fastest", "loss=fast"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    text = str(e.value)
+    assert "4 problem(s)" in text
+    assert "batching='grouped2'" in text and "Did you mean 'grouped'?" in text
+    assert "memory_budget_gb=-1" in text and "'auto'" in text
+    assert "adapter.dropout_impl='fastest'" in text and "loss='fast'" in text
+    for ok in ("memory_budget_gb=auto", "memory_budget_gb=null", "memory_budget_gb=2.5", "batching=padding_free"):
+        validate(compose_train([ok]))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["trainer.padding_free=true"], "use batching=padding_free instead"),
+    (["trainer.packing=true"], "trainer.packing=true with batching=grouped"),
+])
+def test_trl_padding_options_point_to_batching(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(compose_train(overrides))

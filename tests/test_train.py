@@ -197,13 +197,14 @@ def test_checkpoint_every_n_picks_the_fewest_layers_that_fit():
              "completion": [{"role": "assistant", "content": "yes"}]}] * 4
     with open_dict(cfg):
         cfg.trainer.per_device_train_batch_size = 64
-    none = estimate.for_run(cfg, path, tok, rows, checkpointing=False)["total_bytes"]
-    half = estimate.for_run(cfg, path, tok, rows, checkpointing=0.5)["total_bytes"]
-    every = estimate.for_run(cfg, path, tok, rows, checkpointing=True)["total_bytes"]
+    model_config, kwargs = estimate._run_inputs(cfg, path, tok, rows)
+    none, half, every = (estimate.estimate(model_config, **{**kwargs, "checkpointing": share})["total_bytes"]
+                         for share in (False, 0.5, True))
     assert none > half and none > every
-    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=none) == 2   # n=2: the largest n
-    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=half) == 2
-    assert estimate.checkpoint_every_n(cfg, path, tok, rows, budget_bytes=min(half, every) - 1) == 1  # nothing fits
+    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=none) is None     # fits as it is
+    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=none - 1) == (none, 2)  # n=2: the largest n
+    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=half) == (none, 2)
+    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=min(half, every) - 1) == (none, 1)  # nothing fits
 
 
 @pytest.mark.parametrize("batching", ["shuffled", "padding_free"])

@@ -118,9 +118,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     for seq_len, batch, method, recipe in tqdm(configs, desc="bench", unit="config"):
         row: dict[str, Any] = {"model": cfg.model.name_or_path, "method": method, "recipe": recipe,
                                "seq_len": seq_len, "batch": batch}
-        skip = _skip_reason(cfg, method, batch, seq_len)
-        if skip:
-            results.append({**row, "status": "skipped", "note": skip})
+        if not _runs_here(cfg):
+            results.append({**row, "status": "skipped",
+                            "note": "GPU row: architecture-only models are benchmarked on a GPU (no CUDA device here)"})
             continue
         if seq_len not in rows_share:
             rows_share[seq_len] = _write_rows(work, model_path, seq_len, batch * (b.steps + b.warmup_steps) * 2)
@@ -143,12 +143,6 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
 def _runs_here(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() or not str(cfg.model.name_or_path).endswith("-arch")
-
-
-def _skip_reason(cfg: DictConfig, method: str, batch: int, seq_len: int) -> str | None:
-    if not _runs_here(cfg):
-        return "GPU row: architecture-only models are benchmarked on a GPU (no CUDA device here)"
-    return None
 
 
 def _write_rows(work: Path, model_path: str, seq_len: int, n: int) -> float:
