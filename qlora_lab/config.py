@@ -263,6 +263,12 @@ class TrainRunConfig:
     #   "fused"     — TRL's fused LM head, which also logs entropy and token accuracy (slow without Triton),
     #   "auto"      — selective where it applies, else native.
     loss: str = "auto"
+    # Fused GPU kernels for the decoder layers:
+    #   "liger" — Liger Kernel's Triton RMSNorm, RoPE and SwiGLU (transformers' `use_liger_kernel`; needs a CUDA GPU
+    #             and `pip install liger-kernel`); its fused loss stays off, the loss is `loss` above,
+    #   "none"  — the model's own PyTorch modules,
+    #   "auto"  — liger on CUDA when liger-kernel is installed and has kernels for the model type, else none.
+    kernels: str = "auto"
 
 
 @dataclass
@@ -366,6 +372,7 @@ DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
 TASK_METRICS = ("auto", "json_match", "exact_match", "none")
 LOSS_IMPLS = ("auto", "selective", "native", "fused")
 BATCHING = ("grouped", "shuffled", "padding_free")
+KERNELS = ("auto", "liger", "none")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # *-arch: random weights in a published architecture, for benchmarks (qlora_lab.models.ARCH_CONFIGS)
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random", "llama-3.2-1b-arch", "llama-3.1-8b-arch", "qwen2.5-7b-arch")
@@ -483,6 +490,13 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
     _choice(p, "batching", cfg.batching, BATCHING)
+    _choice(p, "kernels", cfg.kernels, KERNELS)
+    if cfg.kernels == "liger":
+        from qlora_lab.models import liger_unavailable
+
+        why_not = liger_unavailable()
+        if why_not:
+            p.append(f"kernels=liger: {why_not}. Use kernels=auto (liger where it applies) or kernels=none.")
     budget = cfg.memory_budget_gb
     if not (budget is None or budget == "auto" or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                                     and budget > 0)):

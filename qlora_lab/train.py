@@ -21,6 +21,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -174,18 +175,29 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
     _setup_tracking(args, run_dir)
     truncate_to = _apply_batching(args, cfg.batching)
     _apply_memory_budget(args, cfg, model, tokenizer, train_ds)
+    if models.kernels_impl(cfg.kernels, model.config) == "liger":
+        # transformers' Trainer patches the model's RMSNorm, RoPE and MLP modules with Liger's when train() starts
+        args.use_liger_kernel, args.liger_kernel_config = True, dict(models.LIGER_KERNEL_CONFIG)
+    elif any(type(m).__module__.startswith("liger_kernel") for m in model.modules()):
+        log.warning("kernels=%s, but Liger's kernels were applied earlier in this process (Liger patches transformers' "
+                    "modules process-wide), so this run uses them too; run it in a fresh process for the model's "
+                    "own modules.", cfg.kernels)
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
-    trainer = QloraSFTTrainer(
-        loss_impl=loss_impl(cfg, model.config),
-        max_nonfinite_steps=cfg.max_nonfinite_steps,
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
-    )
+    with warnings.catch_warnings():
+        # TRL 1.16 deprecates use_liger_kernel for the Hub's `kernels`, which are downloaded at run time; Liger from
+        # pip also works offline, so it stays the switch here.
+        warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
+        trainer = QloraSFTTrainer(
+            loss_impl=loss_impl(cfg, model.config),
+            max_nonfinite_steps=cfg.max_nonfinite_steps,
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
+        )
     if truncate_to:
         trainer.train_dataset = _truncate(trainer.train_dataset, truncate_to)
         if trainer.eval_dataset is not None:

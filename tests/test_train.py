@@ -128,6 +128,26 @@ def test_selective_native_and_fused_loss_paths_train_the_same_adapter(tmp_path, 
         torch.testing.assert_close(adapters["selective"][name], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_liger_kernels_train_like_the_models_own_modules(tmp_path, captured):
+    """kernels=liger (Triton RMSNorm, RoPE, SwiGLU) against kernels=none: same losses step by step in float32; and the
+    GPU default (kernels=auto, NF4) resolves to Liger and trains. The none run goes first: Liger's patch is
+    process-wide."""
+    exact = [*TINY, "trainer.max_steps=3", "score_before=false", "quant=none", "model.dtype=float32",
+             "trainer.bf16=false", "adapter.dropout=0", "data.task_eval_samples=0", "trainer.save_strategy=no"]
+    losses = {}
+    for kernels in ("none", "liger"):
+        train_mod.train(compose_train([*exact, f"kernels={kernels}"], tmp_path / kernels))
+        trainer = captured["trainer"]
+        assert trainer.args.use_liger_kernel == (kernels == "liger")
+        losses[kernels] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert type(trainer.model.get_base_model().model.layers[0].mlp).__name__ == "LigerSwiGLUMLP"
+    assert len(losses["none"]) == 3 and losses["liger"] == pytest.approx(losses["none"], rel=1e-4)
+
+    metrics = train_mod.train(compose_train([*TINY, "trainer.max_steps=2", "score_before=false"], tmp_path / "auto"))
+    assert captured["trainer"].args.use_liger_kernel and metrics["train_loss"] > 0
+
+
 def test_chunked_lm_loss_matches_one_pass_in_value_and_gradients(monkeypatch):
     from qlora_lab import sft
 

@@ -129,6 +129,13 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             _add_derived(row, cfg, model_path, peak, rows_share[seq_len])
         results.append(row)
         tqdm.write(_summary_line(row))
+        _write(cfg, info, peak, peak_source, results, chart_too=False)  # an interrupted matrix keeps what it measured
+    return _write(cfg, info, peak, peak_source, results, chart_too=True)
+
+
+def _write(cfg: DictConfig, info: dict[str, Any], peak: float, peak_source: str, results: list[dict[str, Any]],
+           chart_too: bool) -> dict[str, Any]:
+    b = cfg.bench
     out = {"machine": info, "date": dt.date.today().isoformat(), "model": cfg.model.name_or_path,
            "peak_tflops": peak, "peak_source": peak_source, "bench": OmegaConf.to_container(b, resolve=True),
            "results": results, "ratios": ratios(results)}
@@ -136,8 +143,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(hydra.utils.to_absolute_path(b.results_dir)) if HydraConfig.initialized() else Path(b.results_dir)
     write_json_atomic(folder / f"{name}.json", out)
     write_text_atomic(folder / f"{name}.md", markdown(out))
-    chart(out, folder / f"{name}.png")
-    log.info("Results: %s.{json,md,png}", folder / name)
+    if chart_too:
+        chart(out, folder / f"{name}.png")
+        log.info("Results: %s.{json,md,png}", folder / name)
     return out
 
 
@@ -239,23 +247,29 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append("")
     mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
     lines += [f"| method | seq | batch | recipe | tok/s | step s | {mem} | estimate MiB (meas./est.) | MFU | "
-              "trainable | loss | ckpt |", "|" + "---|" * (13 if cuda else 12)]
+              "trainable | loss | ckpt | kernels | first loss |", "|" + "---|" * (15 if cuda else 14)]
     for r in out["results"]:
         key = f"| {r['method']} | {r['seq_len']} | {r['batch']} | {r['recipe']} |"
         if r["status"] != "completed":
-            lines.append(f"{key} {r['status']}: {r.get('error') or r.get('note')} |" + " |" * (8 if cuda else 7))
+            lines.append(f"{key} {r['status']}: {r.get('error') or r.get('note')} |" + " |" * (10 if cuda else 9))
             continue
         memcols = (f"{r['cuda_max_reserved_mb']:,.0f} | {r['cuda_max_allocated_mb']:,.0f}" if cuda
                    else f"{r['peak_rss_mb']:,.0f}")
         lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f} | {memcols} | "
                      f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
-                     f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} |")
+                     f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
+                     f"{r.get('kernels', 'none')} | {_first_loss(r)} |")
     if out["ratios"]:
         lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
                   "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['recipe']} | {x['tokens_per_s_ratio']}x | "
                   f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
     return "\n".join(lines) + "\n"
+
+
+def _first_loss(r: dict[str, Any]) -> str:
+    """The first step's loss: recipes that see the same batches (qlora_lab and its variants) should agree."""
+    return f"{r['first_losses'][0]:.4f}" if r.get("first_losses") else ""
 
 
 def _share(checkpointed: float) -> str:

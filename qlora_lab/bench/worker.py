@@ -96,7 +96,8 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     for cb in callbacks:
         trainer.add_callback(cb)
-    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer)}
+    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer),
+                     "kernels": "liger" if trainer.args.use_liger_kernel else "none"}
 
 
 def _checkpointed_share(trainer) -> float:
@@ -114,7 +115,7 @@ def _plain_trainer(spec: dict, callbacks: list):
 
     trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
                                  spec["seq_len"], spec["steps"] + spec["warmup_steps"], spec["output_dir"], callbacks)
-    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer)}
+    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none"}
 
 
 def run(spec: dict) -> dict[str, Any]:

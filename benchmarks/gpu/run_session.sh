@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A lent GPU session's whole check in one command (~8 minutes on an H200): install the carried wheels, run the
+# GPU-gated tests, then the issue-#6 GPU matrix: Llama-3.1-8B-architecture QLoRA at seq 2048 — qlora_lab's default,
+# the plain recipe, and two levers (Liger kernels off; every layer checkpointed). Everything lands in $OUT in at
+# most 8 files (the device tool returns no more); the bench writes its JSON/Markdown after every configuration, so
+# a run cut short keeps what it measured.
+# Carry: .whl (../shared/device/fetch-wheels.sh liger-kernel==0.8.5) and .gpu_cache (a copy of the tiny-random
+# cache folder). Knobs: MODEL SEQ BATCH STEPS TEST_TIMEOUT BENCH_TIMEOUT; SKIP_INSTALL=1 where the stack is there.
+set -u
+OUT=${OUT:-/tmp/qlora_out}; mkdir -p "$OUT"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*" >> "$OUT/setup.txt"; }
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$OUT/setup.txt" 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-$PWD/.gpu_cache} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch,transformers,peft,trl,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,trl.__version__,b.__version__)"
+  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
+} >> "$OUT/setup.txt" 2>&1
+stamp "installed"
+
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/pytest_gpu.txt" 2>&1
+echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
+stamp "gpu tests done"
+
+work=/tmp/qlora_bench_work
+timeout "${BENCH_TIMEOUT:-390}" python3 -m qlora_lab bench "model=${MODEL:-llama-3.1-8b-arch}" "bench.methods=[qlora]" \
+  "bench.seq_lens=[${SEQ:-2048}]" "bench.batch_sizes=[${BATCH:-4}]" "bench.steps=${STEPS:-4}" bench.warmup_steps=2 \
+  bench.timeout_s=170 '+bench.variants.no_liger=["kernels=none"]' \
+  '+bench.variants.ckpt_all=["trainer.gradient_checkpointing=true"]' \
+  "bench.results_dir=$OUT" "hydra.run.dir=$work" > "$OUT/bench.log" 2>&1
+echo "bench exit $?" >> "$OUT/bench.log"
+stamp "bench done"
+(cd "$work" 2>/dev/null && tar czf "$OUT/worker-logs.tgz" -- *.log *.json .hydra 2>/dev/null)
+tail -4 "$OUT/pytest_gpu.txt"; cat "$OUT/setup.txt" | grep -v "^ *$" | tail -8; tail -12 "$OUT/bench.log"
