@@ -4,7 +4,8 @@ the check that only adapter weights train."""
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+import weakref
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -91,55 +92,138 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
 # LoRA dropout with fewer random draws
 
 
-class _KeepScale(torch.autograd.Function):
-    """x * keep * scale, saving only the boolean mask for backward (torch's CPU dropout saves a mask in x's dtype)."""
+class _Mask:
+    """A dropout mask as its seed: drawn when needed, dropped after use (the forward, then once in backward)."""
+
+    __slots__ = ("seed", "shape", "device", "threshold", "keep")
+
+    def __init__(self, seed: int, shape: torch.Size, device: torch.device, threshold: int):
+        self.seed, self.shape, self.device, self.threshold, self.keep = seed, shape, device, threshold, None
+
+    def get(self) -> torch.Tensor:
+        if self.keep is None:
+            gen = torch.Generator(device=self.device).manual_seed(self.seed)
+            n = self.shape.numel()
+            bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=self.device,
+                                 generator=gen)
+            self.keep = bits.view(torch.int16)[:n].view(self.shape) >= self.threshold
+        return self.keep
+
+
+class _SeededDropout(torch.autograd.Function):
+    """x * keep * scale that saves no tensor: backward redraws the mask from its seed."""
 
     @staticmethod
-    def forward(ctx, x, keep, scale: float):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
+    def forward(ctx, x, mask: _Mask, scale: float):
+        ctx.mask, ctx.scale = mask, scale
+        out = x.mul(mask.get()).mul_(scale)
+        mask.keep = None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
+        keep = ctx.mask.get()  # already drawn when the LoRA matmul's backward recomputed the output just before
+        ctx.mask.keep = None
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+class _DroppedInput:
+    """Stands in for a dropout output (or a view of it) saved for backward by the LoRA A matmul: the dropout's input,
+    its mask seed and the view's geometry."""
+
+    __slots__ = ("x", "version", "mask", "scale", "geometry")
+
+    def __init__(self, x: torch.Tensor, mask: _Mask, scale: float, saved: torch.Tensor):
+        self.x, self.version, self.mask, self.scale = x, x._version, mask, scale
+        self.geometry = (saved.size(), saved.stride(), saved.storage_offset())
+
+    def output(self) -> torch.Tensor:
+        if self.x._version != self.version:
+            raise RuntimeError("an input of a LoRA dropout was modified in place between forward and backward, so its "
+                               "output cannot be recomputed; set adapter.dropout_impl=torch for this model.")
+        return self.x.mul(self.mask.get()).mul_(self.scale).as_strided(*self.geometry)
+
+
+# dropout outputs of the forward in progress, by storage address (-> weakref, input, mask, scale), while
+# recompute_dropout_outputs() is active. By storage, not by tensor: linear() on a 3-D input saves a 2-D view.
+_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, _Mask, float]] = {}
+_RECOMPUTING = [False]
+
+
+def _pack(t: torch.Tensor):
+    entry = _PENDING.get(t.untyped_storage().data_ptr())
+    if entry is not None:
+        out = entry[0]()
+        if out is not None and out.dtype == t.dtype and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            return _DroppedInput(entry[1], entry[2], entry[3], t)
+    return t
+
+
+def _unpack(saved):
+    return saved.output() if isinstance(saved, _DroppedInput) else saved
+
+
+@contextmanager
+def recompute_dropout_outputs():
+    """Within: FastDropout outputs that autograd saves (the input of every LoRA A matmul) are saved as their input
+    and mask seed, and recomputed in backward. The input is usually kept anyway (the base layer's input, shared by
+    q/k/v and by gate/up), so a layer keeps one tensor per input instead of a dropped copy per adapted module plus
+    its mask. Measured on SmolLM2 QLoRA, CPU: see benchmarks/README.md. Uses torch's saved-tensor hooks; activation
+    checkpointing's own hooks take over inside checkpointed layers."""
+    _RECOMPUTING[0] = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _RECOMPUTING[0] = False
+        _PENDING.clear()
+
+
 class FastDropout(torch.nn.Module):
-    """Dropout drawing one 64-bit random number per four elements (16-bit thresholds).
+    """Dropout drawing one 64-bit random number per four elements (16-bit thresholds), from a per-call seed.
 
     The same distribution as ``nn.Dropout(p)`` — independent per element, scaled by 1/(1-p) — with p rounded to a
     multiple of 1/65536 (0.05 -> 0.0500031). Why not torch's: on CPU, dropout's per-element Bernoulli draws were 28%
     of a QLoRA step on SmolLM2 (torch profiler: aten::bernoulli_, 7 adapted inputs per layer), and its mask is kept
-    in the input's dtype; here a quarter of the draws and a 1-byte mask. Uses the global torch generator, so seeds
-    and checkpoint/resume RNG restoring work as for nn.Dropout.
+    in the input's dtype for backward; here a quarter of the draws and no mask kept: backward redraws it from the
+    seed, and with ``recompute`` (under :func:`recompute_dropout_outputs`) the dropped output is not kept either. The seed comes from the
+    global CPU generator, so seeds, checkpoint/resume RNG restoring and activation checkpointing's RNG replay work
+    as for nn.Dropout.
     """
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, recompute: bool = True):
         super().__init__()
-        self.p = p
+        self.p, self.recompute = p, recompute
         self.threshold = round(p * 65536) - 32768          # keep where a uniform int16 >= threshold
         self.scale = 1.0 / (1.0 - (self.threshold + 32768) / 65536)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return _KeepScale.apply(x, keep, self.scale)
+        seed = int(torch.randint(0, 2**62, (1,)))
+        mask = _Mask(seed, x.shape, x.device, self.threshold)
+        out = _SeededDropout.apply(x, mask, self.scale)
+        if self.recompute and _RECOMPUTING[0] and torch.is_grad_enabled():
+            key = out.untyped_storage().data_ptr()
+            _PENDING[key] = (weakref.ref(out, lambda _, key=key: _PENDING.pop(key, None)), x, mask, self.scale)
+        return out
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, recompute={self.recompute}"
+
+
+def resolve_dropout_impl(cfg: DictConfig) -> str:
+    """``adapter.dropout_impl`` with auto resolved: recompute on CPU, torch on CUDA (its fused dropout is cheap)."""
+    impl = cfg.get("dropout_impl", "torch")
+    if impl == "auto":
+        return "torch" if torch.cuda.is_available() else "recompute"
+    return impl
 
 
 def use_dropout_impl(cfg: DictConfig, model) -> int:
     """Swap the LoRA dropout modules for :class:`FastDropout` per ``adapter.dropout_impl``; returns how many."""
-    impl = cfg.get("dropout_impl", "torch")
-    if impl == "auto":
-        impl = "torch" if torch.cuda.is_available() else "fast"  # CUDA's fused dropout kernel is already cheap
-    if impl != "fast" or cfg.method != "lora":
+    impl = resolve_dropout_impl(cfg)
+    if impl not in ("fast", "recompute") or cfg.method != "lora":
         return 0
     swapped = 0
     for module in model.modules():
@@ -147,7 +231,7 @@ def use_dropout_impl(cfg: DictConfig, model) -> int:
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, d in dropouts.items():
                 if isinstance(d, torch.nn.Dropout) and d.p > 0:
-                    dropouts[name] = FastDropout(d.p)
+                    dropouts[name] = FastDropout(d.p, recompute=impl == "recompute")
                     swapped += 1
     return swapped
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from qlora_lab import adapters
+
 log = logging.getLogger(__name__)
 
 GiB = 2**30
@@ -45,8 +47,8 @@ def count_params(model_config) -> dict[str, int]:
 
 
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
-             dropout: float = 0.05, batch: int = 8, seq_len: int = 512, checkpointing: bool | float = False,
-             loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
+             dropout: float = 0.05, dropout_impl: str = "torch", batch: int = 8, seq_len: int = 512,
+             checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
              counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
     (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known."""
@@ -79,8 +81,9 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     tokens = batch * seq_len
     layer_elems = 8 * h + 3 * kv + 4 * i                 # saved bf16 tensors of one decoder layer, per token
     layer_bytes = 2 * layer_elems + 4 * 2 * h            # + two RMSNorm inputs kept in float32
-    if adapter == "lora" and dropout > 0:
-        layer_bytes += 3 * (6 * h + i)                   # dropped copies of the adapted inputs (bf16) + masks
+    if adapter == "lora" and dropout > 0 and dropout_impl != "recompute":
+        # dropped copies of the adapted inputs (bf16), + their masks where kept (torch; FastDropout redraws them)
+        layer_bytes += (3 if dropout_impl == "torch" else 2) * (6 * h + i)
     # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
     share = float(checkpointing)
     kept = layers - round(layers * share)                  # layers that keep all their activations
@@ -156,7 +159,8 @@ def _run_inputs(cfg, model_path: str, tokenizer, train_rows) -> tuple[Any, dict[
         seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
     return model_config, dict(
         quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method, r=cfg.adapter.r,
-        dropout=cfg.adapter.dropout, batch=t.per_device_train_batch_size, seq_len=seq_len,
+        dropout=cfg.adapter.dropout, dropout_impl=adapters.resolve_dropout_impl(cfg.adapter),
+        batch=t.per_device_train_batch_size, seq_len=seq_len,
         checkpointing=bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing")),
         loss="selective" if cfg.loss == "auto" else cfg.loss, loss_tokens=labelled)
 

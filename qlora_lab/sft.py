@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
+from qlora_lab import adapters
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class QloraSFTTrainer(SFTTrainer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_steps = 0
         self._step_loss_finite = True
+        self._recompute_dropout = None
         # TRL keeps QLoRA adapters in bf16; remember each trainable tensor's dtype so a resume keeps it
         self._trainable_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
 
@@ -67,6 +70,13 @@ class QloraSFTTrainer(SFTTrainer):
                 param.data = param.data.to(want)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._recompute_dropout is None:  # known once adapters.use_dropout_impl has run (after __init__)
+            self._recompute_dropout = not self.args.torch_compile and any(
+                isinstance(m, adapters.FastDropout) and m.recompute for m in model.modules())
+        with adapters.recompute_dropout_outputs() if self._recompute_dropout else nullcontext():
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         if self.loss_impl == "fused":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False

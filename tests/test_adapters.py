@@ -3,6 +3,8 @@ change, and that the saved adapter reloads with plain peft to the same logits.""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -136,6 +138,45 @@ def test_fast_dropout_has_dropouts_distribution_and_gradient():
     assert torch.equal(x.grad, y.detach())                          # d(sum)/dx = mask * scale
     drop.eval()
     assert drop(x) is x
+
+
+def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradients(monkeypatch):
+    from qlora_lab import adapters
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 4, bias=False), torch.nn.Linear(4, 64, bias=False)  # a LoRA branch: B(A(drop(x)))
+    torch.nn.init.normal_(b.weight)
+    drop = adapters.FastDropout(0.3).train()
+    x0 = torch.randn(8, 64)
+    stand_ins = []
+    real_unpack = adapters._unpack
+    monkeypatch.setattr(adapters, "_unpack", lambda saved: (stand_ins.append(type(saved).__name__),
+                                                            real_unpack(saved))[1])
+
+    def grads(recompute: bool):
+        torch.manual_seed(1)
+        a.zero_grad(), b.zero_grad()
+        x = x0.clone().requires_grad_()
+        with adapters.recompute_dropout_outputs() if recompute else contextlib.nullcontext():
+            y = b(a(drop(x)))
+        (y * torch.arange(64.0)).sum().backward()
+        return x.grad, a.weight.grad.clone(), b.weight.grad.clone()
+
+    plain = grads(False)
+    assert "_DroppedInput" not in stand_ins
+    recomputed = grads(True)
+    assert stand_ins.count("_DroppedInput") == 1          # A's saved input was the stand-in, redrawn in backward
+    for p, r in zip(plain, recomputed):
+        assert torch.equal(p, r)
+    assert not adapters._PENDING
+
+    x = x0.clone().requires_grad_()
+    with adapters.recompute_dropout_outputs():
+        y = b(a(drop(x)))
+    with torch.no_grad():
+        x.mul_(2)                                          # an in-place change the recomputation would miss
+    with pytest.raises(RuntimeError, match="dropout_impl=torch"):
+        y.sum().backward()
 
 
 def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured):

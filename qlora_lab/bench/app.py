@@ -199,7 +199,8 @@ def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: fl
     adapter = {"qlora": "lora"}.get(row["method"], row["method"])
     est = estimate.estimate(AutoConfig.from_pretrained(model_path), quant=quant, adapter=adapter,
                             batch=row["batch"], seq_len=row["seq_len"], checkpointing=row["checkpointing"],
-                            loss=row["loss_impl"], loss_tokens=labelled)
+                            loss=row["loss_impl"], loss_tokens=labelled,
+                            dropout_impl=row.get("dropout_impl", "torch"))
     row["estimated_mb"] = round(est["total_bytes"] / 2**20, 1)
     # what the estimate covers: the device's training memory (CUDA allocated; CPU: RSS above the imports)
     measured = row.get("cuda_max_allocated_mb") or row["peak_rss_mb"] - row["rss_after_imports_mb"]
@@ -246,7 +247,7 @@ def markdown(out: dict[str, Any]) -> str:
     if out["bench"]["variants"]:
         lines.append("")
     mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
-    lines += [f"| method | seq | batch | recipe | tok/s | step s | {mem} | estimate MiB (meas./est.) | MFU | "
+    lines += [f"| method | seq | batch | recipe | tok/s | step s (median) | {mem} | estimate MiB (meas./est.) | MFU | "
               "trainable | loss | ckpt | kernels | first loss |", "|" + "---|" * (15 if cuda else 14)]
     for r in out["results"]:
         key = f"| {r['method']} | {r['seq_len']} | {r['batch']} | {r['recipe']} |"
@@ -255,7 +256,7 @@ def markdown(out: dict[str, Any]) -> str:
             continue
         memcols = (f"{r['cuda_max_reserved_mb']:,.0f} | {r['cuda_max_allocated_mb']:,.0f}" if cuda
                    else f"{r['peak_rss_mb']:,.0f}")
-        lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f} | {memcols} | "
+        lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f}{_median(r)} | {memcols} | "
                      f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
                      f"{r.get('kernels', 'none')} | {_first_loss(r)} |")
@@ -265,6 +266,10 @@ def markdown(out: dict[str, Any]) -> str:
         lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['recipe']} | {x['tokens_per_s_ratio']}x | "
                   f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
     return "\n".join(lines) + "\n"
+
+
+def _median(r: dict[str, Any]) -> str:
+    return f" ({r['step_time_median_s']:.3f})" if "step_time_median_s" in r else ""
 
 
 def _first_loss(r: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -49,7 +50,10 @@ class StepTimer(TrainerCallback):
         (t0, n0), (t1, n1) = self.marks[warmup], self.marks[-1]
         steps = len(self.marks) - 1 - warmup
         return {"measured_steps": steps, "tokens": n1 - n0, "seconds": round(t1 - t0, 3),
-                "tokens_per_s": round((n1 - n0) / (t1 - t0), 2), "step_time_s": round((t1 - t0) / steps, 4)}
+                "tokens_per_s": round((n1 - n0) / (t1 - t0), 2), "step_time_s": round((t1 - t0) / steps, 4),
+                "step_time_median_s": round(statistics.median(b[0] - a[0] for a, b in zip(self.marks[warmup:],
+                                                                                             self.marks[warmup + 1:])), 4),
+                "step_times_s": [round(b[0] - a[0], 3) for a, b in zip(self.marks, self.marks[1:])]}
 
 
 def _rss_mb(field: str) -> float:
@@ -97,7 +101,8 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer),
-                     "kernels": "liger" if trainer.args.use_liger_kernel else "none"}
+                     "kernels": "liger" if trainer.args.use_liger_kernel else "none",
+                     "dropout_impl": adapters.resolve_dropout_impl(cfg.adapter)}
 
 
 def _checkpointed_share(trainer) -> float:
@@ -115,7 +120,8 @@ def _plain_trainer(spec: dict, callbacks: list):
 
     trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
                                  spec["seq_len"], spec["steps"] + spec["warmup_steps"], spec["output_dir"], callbacks)
-    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none"}
+    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none",
+                     "dropout_impl": "torch"}
 
 
 def run(spec: dict) -> dict[str, Any]:
