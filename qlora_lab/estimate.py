@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from qlora_lab import adapters
+from qlora_lab.kernels import resolve as resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def count_params(model_config) -> dict[str, int]:
 
 
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
-             dropout: float = 0.05, dropout_impl: str = "torch", batch: int = 8, seq_len: int = 512,
-             checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
+             dropout: float = 0.05, dropout_impl: str = "torch", kernels: str = "none", batch: int = 8,
+             seq_len: int = 512, checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
              counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
     (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known."""
@@ -81,6 +82,8 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     tokens = batch * seq_len
     layer_elems = 8 * h + 3 * kv + 4 * i                 # saved bf16 tensors of one decoder layer, per token
     layer_bytes = 2 * layer_elems + 4 * 2 * h            # + two RMSNorm inputs kept in float32
+    if kernels in ("lean", "liger"):
+        layer_bytes -= 2 * 2 * h + 2 * i                 # norm inputs kept in bf16, not float32; SiLU recomputed
     if adapter == "lora" and dropout > 0 and dropout_impl != "recompute":
         # dropped copies of the adapted inputs (bf16), + their masks where kept (torch; FastDropout redraws them)
         layer_bytes += (3 if dropout_impl == "torch" else 2) * (6 * h + i)
@@ -160,6 +163,7 @@ def _run_inputs(cfg, model_path: str, tokenizer, train_rows) -> tuple[Any, dict[
     return model_config, dict(
         quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method, r=cfg.adapter.r,
         dropout=cfg.adapter.dropout, dropout_impl=adapters.resolve_dropout_impl(cfg.adapter),
+        kernels=resolve_kernels(cfg.kernels, model_config),
         batch=t.per_device_train_batch_size, seq_len=seq_len,
         checkpointing=bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing")),
         loss="selective" if cfg.loss == "auto" else cfg.loss, loss_tokens=labelled)

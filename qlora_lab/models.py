@@ -53,40 +53,6 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
-# linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
-LIGER_KERNEL_CONFIG = {"rope": True, "rms_norm": True, "swiglu": True,
-                       "cross_entropy": False, "fused_linear_cross_entropy": False}
-
-
-def liger_unavailable(model_config=None) -> str | None:
-    """Why Liger's kernels cannot run here (None when they can): no CUDA, not installed, or no kernels for the model
-    type. Not imported unless CUDA is there: liger-kernel imports Triton."""
-    if not torch.cuda.is_available():
-        return "Liger's kernels are Triton kernels for CUDA GPUs and this machine has none"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
-    if model_config is not None:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-        if model_config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            return f"Liger has no kernels for model type {model_config.model_type!r}"
-    return None
-
-
-def kernels_impl(kernels: str, model_config) -> str:
-    """The decoder-layer kernels ``kernels`` (auto | liger | none) resolves to for this model on this machine."""
-    if kernels == "none":
-        return "none"
-    why_not = liger_unavailable(model_config)
-    if why_not is None:
-        return "liger"
-    if kernels == "liger":
-        raise UserError(f"kernels=liger: {why_not}.\nFix: use kernels=auto (liger where it applies) or kernels=none.")
-    log.debug("kernels=auto: no Liger kernels (%s)", why_not)
-    return "none"
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if bf16_supported() else torch.float32

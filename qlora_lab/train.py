@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, data, estimate, models, report, task
+from qlora_lab import adapters, data, estimate, kernels, models, report, task
 from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -175,10 +175,13 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
     _setup_tracking(args, run_dir)
     truncate_to = _apply_batching(args, cfg.batching)
     _apply_memory_budget(args, cfg, model, tokenizer, train_ds)
-    if models.kernels_impl(cfg.kernels, model.config) == "liger":
+    kernel_impl = kernels.resolve(cfg.kernels, model.config)
+    if kernel_impl == "liger":
         # transformers' Trainer patches the model's RMSNorm, RoPE and MLP modules with Liger's when train() starts
-        args.use_liger_kernel, args.liger_kernel_config = True, dict(models.LIGER_KERNEL_CONFIG)
-    elif any(type(m).__module__.startswith("liger_kernel") for m in model.modules()):
+        args.use_liger_kernel, args.liger_kernel_config = True, dict(kernels.LIGER_KERNEL_CONFIG)
+    elif kernel_impl == "lean":
+        kernels.apply_lean(model)
+    if kernel_impl != "liger" and any(type(m).__module__.startswith("liger_kernel") for m in model.modules()):
         log.warning("kernels=%s, but Liger's kernels were applied earlier in this process (Liger patches transformers' "
                     "modules process-wide), so this run uses them too; run it in a fresh process for the model's "
                     "own modules.", cfg.kernels)
@@ -198,6 +201,7 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
             processing_class=tokenizer,
             peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
         )
+    trainer.kernels = kernel_impl
     if truncate_to:
         trainer.train_dataset = _truncate(trainer.train_dataset, truncate_to)
         if trainer.eval_dataset is not None:

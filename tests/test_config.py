@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from qlora_lab.config import TrainerConfig, trainer_field_help, validate
-from qlora_lab.errors import ConfigError, UserError
+from qlora_lab.errors import ConfigError
 from qlora_lab.config import CONF_DIR
 from qlora_lab.train import build_sft_config
 from tests.conftest import compose_train
@@ -223,20 +223,15 @@ def test_speed_and_memory_options_are_validated_together():
         validate(compose_train([ok]))
 
 
-def test_kernels_option_is_validated_and_auto_means_none_without_cuda(monkeypatch):
-    from qlora_lab.models import arch_config, kernels_impl
-
+def test_kernels_option_is_validated(monkeypatch):
     with pytest.raises(ConfigError, match=re.escape("kernels='triton'")):
         validate(compose_train(["kernels=triton"]))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError) as e:
         validate(compose_train(["kernels=liger"]))
     assert "kernels=liger" in str(e.value) and "CUDA" in str(e.value) and "kernels=auto" in str(e.value)
-    validate(compose_train(["kernels=auto"]))
-    llama = arch_config("llama-3.2-1b-arch")
-    assert kernels_impl("auto", llama) == "none" and kernels_impl("none", llama) == "none"
-    with pytest.raises(UserError, match="kernels=liger"):
-        kernels_impl("liger", llama)
+    for ok in ("auto", "lean", "none"):
+        validate(compose_train([f"kernels={ok}"]))
 
 
 @pytest.mark.parametrize("overrides, needle", [

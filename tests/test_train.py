@@ -130,8 +130,8 @@ def test_selective_native_and_fused_loss_paths_train_the_same_adapter(tmp_path, 
 
 @pytest.mark.gpu
 def test_liger_kernels_train_like_the_models_own_modules(tmp_path, captured):
-    """kernels=liger (Triton RMSNorm, RoPE, SwiGLU) against kernels=none: same losses step by step in float32; and the
-    QLoRA with kernels=auto resolves to Liger and trains. The none run goes first: Liger's patch is
+    """kernels=liger (Triton RMSNorm, RoPE, SwiGLU) against kernels=none: same losses step by step in float32; and
+    QLoRA (NF4) with Liger trains. The none run goes first: Liger's patch is
     process-wide."""
     exact = [*TINY, "trainer.max_steps=3", "score_before=false", "quant=none", "model.dtype=float32",
              "trainer.bf16=false", "adapter.dropout=0", "data.task_eval_samples=0", "trainer.save_strategy=no"]
@@ -144,8 +144,8 @@ def test_liger_kernels_train_like_the_models_own_modules(tmp_path, captured):
     assert type(trainer.model.get_base_model().model.layers[0].mlp).__name__ == "LigerSwiGLUMLP"
     assert len(losses["none"]) == 3 and losses["liger"] == pytest.approx(losses["none"], rel=1e-4)
 
-    metrics = train_mod.train(compose_train([*TINY, "trainer.max_steps=2", "score_before=false", "kernels=auto"],
-                                            tmp_path / "auto"))
+    metrics = train_mod.train(compose_train([*TINY, "trainer.max_steps=2", "score_before=false", "kernels=liger"],
+                                            tmp_path / "qlora"))
     assert captured["trainer"].args.use_liger_kernel and metrics["train_loss"] > 0
 
 

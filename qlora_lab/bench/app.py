@@ -200,7 +200,7 @@ def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: fl
     est = estimate.estimate(AutoConfig.from_pretrained(model_path), quant=quant, adapter=adapter,
                             batch=row["batch"], seq_len=row["seq_len"], checkpointing=row["checkpointing"],
                             loss=row["loss_impl"], loss_tokens=labelled,
-                            dropout_impl=row.get("dropout_impl", "torch"))
+                            dropout_impl=row.get("dropout_impl", "torch"), kernels=row.get("kernels", "none"))
     row["estimated_mb"] = round(est["total_bytes"] / 2**20, 1)
     # what the estimate covers: the device's training memory (CUDA allocated; CPU: RSS above the imports)
     measured = row.get("cuda_max_allocated_mb") or row["peak_rss_mb"] - row["rss_after_imports_mb"]

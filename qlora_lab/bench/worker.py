@@ -101,7 +101,7 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer),
-                     "kernels": "liger" if trainer.args.use_liger_kernel else "none",
+                     "kernels": trainer.kernels,
                      "dropout_impl": adapters.resolve_dropout_impl(cfg.adapter)}
 
 

@@ -1,0 +1,135 @@
+"""Decoder-layer kernels (`kernels=`): Liger's Triton kernels on CUDA, or "lean" PyTorch versions of RMSNorm and
+SwiGLU that keep less for backward, on any device.
+
+Why "lean" is written here rather than taken from a library: Liger Kernel does the same on CUDA (Triton), and
+nothing maintained does it for CPU, where the embedded model trains. Both functions compute exactly what
+transformers' eager modules compute, with the same operations in the same order; only what autograd keeps differs:
+
+- RMSNorm (LlamaRMSNorm and its copies): the eager module upcasts its input to float32 and autograd keeps that
+  copy (4 bytes per element); here the input is kept in its own dtype (2 bytes in bf16) with the float32 1/rms per
+  row, and the float32 copy is made again in backward.
+- SwiGLU MLP (down(silu(gate(x)) * up(x))): the eager module keeps gate(x), silu(gate(x)) and up(x); here
+  silu(gate(x)) is recomputed in backward from gate(x).
+
+On the embedded model (SmolLM2-135M, QLoRA, batch 8 x 256 tokens) that is 1/3 GiB less per step, see
+benchmarks/README.md. Patched per module instance (forward replaced), only for the module classes listed below.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+
+from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "lean", "liger", "none")
+# RMSNorms computing weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), attribute variance_epsilon
+LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+# MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x))
+LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+
+# Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
+# linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
+LIGER_KERNEL_CONFIG = {"rope": True, "rms_norm": True, "swiglu": True,
+                       "cross_entropy": False, "fused_linear_cross_entropy": False}
+
+
+def liger_unavailable(model_config=None) -> str | None:
+    """Why Liger's kernels cannot run here (None when they can): no CUDA, not installed, or no kernels for the model
+    type. Not imported unless CUDA is there: liger-kernel imports Triton."""
+    if not torch.cuda.is_available():
+        return "Liger's kernels are Triton kernels for CUDA GPUs and this machine has none"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if model_config is not None:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return f"Liger has no kernels for model type {model_config.model_type!r}"
+    return None
+
+
+def resolve(kernels: str, model_config) -> str:
+    """What ``kernels`` (auto | lean | liger | none) means for this model on this machine. auto: lean on CPU (measured
+    less memory at the same speed); none on CUDA (lean is not measured there; Liger had slow steps, see
+    benchmarks/README.md)."""
+    if kernels == "auto":
+        return "none" if torch.cuda.is_available() else "lean"
+    if kernels == "liger":
+        why_not = liger_unavailable(model_config)
+        if why_not:
+            raise UserError(f"kernels=liger: {why_not}.\nFix: use kernels=auto or kernels=none.")
+    return kernels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lean RMSNorm and SwiGLU
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd, normed if weight.requires_grad else None)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd, normed = ctx.saved_tensors
+        # the eager module's backward, op for op: y = w * n; n = (xf * r).to(dtype); r = rsqrt(mean(xf^2) + eps)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * normed).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        grad_h = (grad * weight).to(torch.float32)
+        xf = x.to(torch.float32)
+        grad_r = (grad_h * xf).sum(-1, keepdim=True)
+        grad_var = grad_r * (-0.5 * rstd.pow(3))
+        grad_xf = grad_h * rstd + grad_var.expand_as(xf) / xf.shape[-1] * 2 * xf
+        return grad_xf.to(x.dtype), grad_w, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def _rmsnorm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def apply_lean(model) -> int:
+    """Replace the forward of every supported RMSNorm / SiLU MLP in ``model``; returns how many were patched."""
+    patched = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in LEAN_RMSNORMS and hasattr(module, "variance_epsilon"):
+            module.forward = MethodType(_rmsnorm_forward, module)
+            patched += 1
+        elif (name in LEAN_MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+              and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+            module.forward = MethodType(_mlp_forward, module)
+            patched += 1
+    if not patched:
+        log.info("kernels=lean: no supported RMSNorm or MLP module in this model; it runs its own modules")
+    return patched
