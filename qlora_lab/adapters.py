@@ -133,8 +133,8 @@ class _DroppedInput:
 
     __slots__ = ("x", "version", "mask", "scale", "geometry")
 
-    def __init__(self, x: torch.Tensor, mask: _Mask, scale: float, saved: torch.Tensor):
-        self.x, self.version, self.mask, self.scale = x, x._version, mask, scale
+    def __init__(self, x: torch.Tensor, version: int, mask: _Mask, scale: float, saved: torch.Tensor):
+        self.x, self.version, self.mask, self.scale = x, version, mask, scale
         self.geometry = (saved.size(), saved.stride(), saved.storage_offset())
 
     def output(self) -> torch.Tensor:
@@ -144,9 +144,11 @@ class _DroppedInput:
         return self.x.mul(self.mask.get()).mul_(self.scale).as_strided(*self.geometry)
 
 
-# dropout outputs of the forward in progress, by storage address (-> weakref, input, mask, scale), while
-# recompute_dropout_outputs() is active. By storage, not by tensor: linear() on a 3-D input saves a 2-D view.
-_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, _Mask, float]] = {}
+# dropout outputs of the forward in progress, by storage address (-> weakref, input, mask, scale, input version,
+# output version), while recompute_dropout_outputs() is active. By storage, not by tensor: linear() on a 3-D input
+# saves a 2-D view. The versions at dropout time: a tensor changed in place since is saved as it is (output) or
+# refused in backward (input), as autograd itself would.
+_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, _Mask, float, int, int]] = {}
 _RECOMPUTING = [False]
 
 
@@ -154,8 +156,9 @@ def _pack(t: torch.Tensor):
     entry = _PENDING.get(t.untyped_storage().data_ptr())
     if entry is not None:
         out = entry[0]()
-        if out is not None and out.dtype == t.dtype and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-            return _DroppedInput(entry[1], entry[2], entry[3], t)
+        if (out is not None and out.dtype == t.dtype and t._version == entry[5]
+                and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()):
+            return _DroppedInput(entry[1], entry[4], entry[2], entry[3], t)
     return t
 
 
@@ -205,7 +208,8 @@ class FastDropout(torch.nn.Module):
         out = _SeededDropout.apply(x, mask, self.scale)
         if self.recompute and _RECOMPUTING[0] and torch.is_grad_enabled():
             key = out.untyped_storage().data_ptr()
-            _PENDING[key] = (weakref.ref(out, lambda _, key=key: _PENDING.pop(key, None)), x, mask, self.scale)
+            _PENDING[key] = (weakref.ref(out, lambda _, key=key: _PENDING.pop(key, None)), x, mask, self.scale,
+                             x._version, out._version)
         return out
 
     def extra_repr(self) -> str:

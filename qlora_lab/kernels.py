@@ -88,7 +88,7 @@ class _RMSNorm(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (grad * normed).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
-        grad_h = (grad * weight).to(torch.float32)
+        grad_h = (grad * weight).to(x.dtype).to(torch.float32)  # eager rounds to the input dtype first
         xf = x.to(torch.float32)
         grad_r = (grad_h * xf).sum(-1, keepdim=True)
         grad_var = grad_r * (-0.5 * rstd.pow(3))

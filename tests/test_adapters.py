@@ -178,6 +178,25 @@ def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradie
     with pytest.raises(RuntimeError, match="dropout_impl=torch"):
         y.sum().backward()
 
+    def changed_in_place(recompute: bool, where: str):
+        torch.manual_seed(1)
+        a.zero_grad()
+        x = x0.clone().requires_grad_()
+        with adapters.recompute_dropout_outputs() if recompute else contextlib.nullcontext():
+            h = x * 1.0
+            d = drop(h)
+            if where == "input":
+                h.mul_(3)                                  # after the dropout, before A saves its output
+            else:
+                d = d.mul_(3)                              # the output itself, before A saves it
+            y = b(a(d))
+        y.sum().backward()
+        return a.weight.grad.clone()
+
+    torch.testing.assert_close(changed_in_place(True, "output"), changed_in_place(False, "output"), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="dropout_impl=torch"):
+        changed_in_place(True, "input")
+
 
 def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured):
     from qlora_lab.adapters import FastDropout
