@@ -189,9 +189,9 @@ class FastDropout(torch.nn.Module):
     multiple of 1/65536 (0.05 -> 0.0500031). Why not torch's: on CPU, dropout's per-element Bernoulli draws were 28%
     of a QLoRA step on SmolLM2 (torch profiler: aten::bernoulli_, 7 adapted inputs per layer), and its mask is kept
     in the input's dtype for backward; here a quarter of the draws and no mask kept: backward redraws it from the
-    seed, and with ``recompute`` (under :func:`recompute_dropout_outputs`) the dropped output is not kept either. The seed comes from the
-    global CPU generator, so seeds, checkpoint/resume RNG restoring and activation checkpointing's RNG replay work
-    as for nn.Dropout.
+    seed, and with ``recompute`` (under :func:`recompute_dropout_outputs`) the dropped output is not kept either.
+    The seed comes from the global CPU generator, so seeds, checkpoint/resume RNG restoring and activation
+    checkpointing's RNG replay work as for nn.Dropout.
     """
 
     def __init__(self, p: float, recompute: bool = True):

@@ -49,8 +49,8 @@ def count_params(model_config) -> dict[str, int]:
 
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
              dropout: float = 0.05, dropout_impl: str = "torch", kernels: str = "none", batch: int = 8,
-             seq_len: int = 512, checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0, model_bytes: int = 2,
-             counts: dict[str, Any] | None = None) -> dict[str, Any]:
+             seq_len: int = 512, checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0,
+             model_bytes: int = 2, counts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
     (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known."""
     n = counts or count_params(model_config)

@@ -28,7 +28,6 @@ from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "lean", "liger", "none")
 # RMSNorms computing weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), attribute variance_epsilon
 LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 # MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x))

@@ -121,9 +121,6 @@ def _convert_smollm2(out: Path) -> None:
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the caller (often the bench's parent process) keeps running beside the workers
 
 
 def _build_tiny_random(out: Path) -> None:
@@ -139,9 +136,6 @@ def _build_tiny_random(out: Path) -> None:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the caller (often the bench's parent process) keeps running beside the workers
 
 
 # Architecture-only models for speed and memory benchmarks where no weights can be downloaded: the published

@@ -6,9 +6,9 @@
   plain torch ops, several full-vocabulary passes per step. The model's own loss (transformers ForCausalLMLoss) is
   the same mean over the same label tokens (``num_items_in_batch`` counts labels != -100 in both). Cost: no
   entropy / mean_token_accuracy in the logs, and the full logits are materialised.
-- ``loss_impl`` "selective" (the default where it applies): logits only where there is a label, in chunks. The LM head is the widest matmul of a small
-  model and the float32 logits are the largest tensor of any model (batch x seq x vocab x 4 bytes); with
-  completion-only loss most positions have no label. A forward pre-hook on the output layer takes the final hidden
+- ``loss_impl`` "selective" (the default where it applies): logits only where there is a label, in chunks. The
+  LM head is the widest matmul of a small model and the float32 logits are the largest tensor of any model
+  (batch x seq x vocab x 4 bytes); with completion-only loss most positions have no label. A forward pre-hook on the output layer takes the final hidden
   states of the labelled positions and hands the layer an empty input, then the loss is computed here from those
   states chunk by chunk (each chunk's logits recomputed in backward, so at most one chunk of logits exists). The
   hook runs inside the model's own forward, so DDP/FSDP wrappers see an ordinary call. Same value and gradients as

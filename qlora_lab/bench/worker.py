@@ -49,11 +49,11 @@ class StepTimer(TrainerCallback):
     def measure(self, warmup: int) -> dict[str, Any]:
         (t0, n0), (t1, n1) = self.marks[warmup], self.marks[-1]
         steps = len(self.marks) - 1 - warmup
+        times = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]  # every step, warm-up included
         return {"measured_steps": steps, "tokens": n1 - n0, "seconds": round(t1 - t0, 3),
                 "tokens_per_s": round((n1 - n0) / (t1 - t0), 2), "step_time_s": round((t1 - t0) / steps, 4),
-                "step_time_median_s": round(statistics.median(b[0] - a[0] for a, b in zip(self.marks[warmup:],
-                                                                                             self.marks[warmup + 1:])), 4),
-                "step_times_s": [round(b[0] - a[0], 3) for a, b in zip(self.marks, self.marks[1:])]}
+                "step_time_median_s": round(statistics.median(times[warmup:]), 4),
+                "step_times_s": [round(t, 3) for t in times]}
 
 
 def _rss_mb(field: str) -> float:
