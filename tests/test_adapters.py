@@ -198,13 +198,23 @@ def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradie
         changed_in_place(True, "input")
 
 
-def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured):
+@pytest.mark.parametrize("impl", ["fast", "auto"])
+def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured, impl):
+    from qlora_lab import kernels
     from qlora_lab.adapters import FastDropout
 
-    train_mod.train(compose_train([*TINY, "adapter.dropout_impl=fast", "trainer.max_steps=2", "score_before=false",
+    train_mod.train(compose_train([*TINY, f"adapter.dropout_impl={impl}", "trainer.max_steps=2", "score_before=false",
                                    "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
-    model = captured["trainer"].model
+    trainer = captured["trainer"]
+    model = trainer.model
     fast = [m for m in model.modules() if isinstance(m, FastDropout)]
     assert len(fast) == 14 and not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    recompute = impl == "auto"                                        # auto = recompute on CPU
+    assert all(m.recompute == recompute for m in fast) and trainer._recompute_dropout == recompute
     b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in b)                         # gradients reached every adapter
+    # the CPU default kernels=auto is lean: every RMSNorm and MLP of the tiny Llama runs the lean forward
+    assert trainer.kernels == "lean"
+    lean = [m for m in model.modules() if getattr(m.forward, "__func__", None) in (kernels._rmsnorm_forward,
+                                                                                    kernels._mlp_forward)]
+    assert len(lean) == 2 * 2 + 1 + 2                                # 2 layers x 2 norms, final norm, 2 MLPs
