@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if command == "train":
+        from qlora_lab import allocator
+
+        allocator.exec_with(argv)  # before anything is allocated: re-executes with LD_PRELOAD (once) if needed
     module = importlib.import_module(COMMANDS[command][0])
     if command == "train":
         from qlora_lab.distributed import shared_run_dir

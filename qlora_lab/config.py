@@ -26,6 +26,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from qlora_lab import allocator
 from qlora_lab.errors import ConfigError
 
 # The Hydra configs of every command (conf/ at the project root; the package is installed editable).
@@ -276,6 +277,12 @@ class TrainRunConfig:
     #   "none"  — the model's own modules,
     #   "auto"  — lean on CPU (measured: less memory, same speed); none on CUDA (lean not measured there yet).
     kernels: str = "auto"
+    # The C allocator of the training process (qlora_lab/allocator.py): "mimalloc", "jemalloc", "system" (the C
+    # library's malloc), or "auto" = mimalloc on Linux without a CUDA driver, else system. On CPU, glibc's malloc
+    # keeps freed activation memory fragmented: mimalloc measured -0.8 GiB peak RSS at the same speed. Applied when
+    # `qlora-lab train` starts (it re-executes itself once with LD_PRELOAD); a Python caller of train() or a
+    # multirun job in one process keeps the allocator it started with (train logs which).
+    allocator: str = "auto"
 
 
 @dataclass
@@ -498,6 +505,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
     _choice(p, "batching", cfg.batching, BATCHING)
     _choice(p, "kernels", cfg.kernels, KERNELS)
+    _choice(p, "allocator", cfg.allocator, allocator.ALLOCATORS)
+    if allocator.problem(cfg.allocator):
+        p.append(allocator.problem(cfg.allocator))
     if cfg.kernels == "liger":
         from qlora_lab.kernels import liger_unavailable
 

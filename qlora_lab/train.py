@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, data, estimate, kernels, models, report, task
+from qlora_lab import adapters, allocator, data, estimate, kernels, models, report, task
 from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
+    _log_allocator(cfg.allocator)
     started = time.time()
     _reset_peak_mem()
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes run artifacts
@@ -392,7 +393,19 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
     gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"versions": versions, "python": platform.python_version(), "git_commit": commit, "git_dirty": dirty,
             "seed": cfg.trainer.seed, "device": models.device_type(), "gpus": gpu, "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "bf16": models.bf16_supported()}
+            "platform": platform.platform(), "bf16": models.bf16_supported(),
+            "allocator": allocator.active()}
+
+
+def _log_allocator(requested: str) -> None:
+    want, have = allocator.resolve(requested), allocator.active()
+    if want == have:
+        log.info("C allocator: %s (allocator=%s)", have, requested)
+    else:
+        log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when the "
+                    "process starts, which `qlora-lab train` does for you (a Python caller of train() or a job of "
+                    "an in-process multirun keeps its own; LD_PRELOAD=%s python ... sets it by hand).", requested,
+                    want, have, allocator.library(want) or want)
 
 
 def _reset_peak_mem() -> None:

@@ -46,6 +46,10 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     assert (run / ".hydra/config.yaml").is_file() and (run / "adapter/adapter_model.safetensors").is_file()
     assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
     assert not list(run.glob(".*tmp*")), "temporary folders left behind"
+    # the CLI re-executed itself with the allocator that allocator=auto stands for here (mimalloc on Linux CPU)
+    from qlora_lab import allocator
+
+    assert json.loads((run / "environment.json").read_text())["allocator"] == allocator.resolve("auto")
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -55,6 +59,7 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     (["data=file", f"data.path={DATA}/missing.jsonl"], ["missing.jsonl", "file not found"]),
     (["data=file"], ["data.path is required"]),
     (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
+    (["allocator=mimaloc"], ["allocator='mimaloc' is not one of", "Did you mean 'mimalloc'"]),
 ])
 def test_config_errors(tmp_path, args, needles):
     run = tmp_path / "run"

@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from qlora_lab import estimate, models
+from qlora_lab import allocator, estimate, models
 from qlora_lab.bench.rows import bench_rows, write_rows
 from qlora_lab.config import CONF_DIR, _choice, register_configs
 from qlora_lab.errors import ConfigError, exit_on_user_error
@@ -176,7 +176,9 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
             "steps": b.steps, "warmup_steps": b.warmup_steps, "overrides": overrides, "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+    # the allocator `qlora-lab train` would start with (qlora_lab), or the C library's (plain: `python script.py`)
+    env = {**allocator.preload_env(allocator.requested(overrides) if recipe == "qlora_lab" else "system",
+                                   dict(os.environ)), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     with open(work / f"{tag}.log", "w") as logf:
         try:
@@ -248,18 +250,18 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append("")
     mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
     lines += [f"| method | seq | batch | recipe | tok/s | step s (median) | {mem} | estimate MiB (meas./est.) | MFU | "
-              "trainable | loss | ckpt | kernels | first loss |", "|" + "---|" * (15 if cuda else 14)]
+              "trainable | loss | ckpt | kernels | malloc | first loss |", "|" + "---|" * (16 if cuda else 15)]
     for r in out["results"]:
         key = f"| {r['method']} | {r['seq_len']} | {r['batch']} | {r['recipe']} |"
         if r["status"] != "completed":
-            lines.append(f"{key} {r['status']}: {r.get('error') or r.get('note')} |" + " |" * (10 if cuda else 9))
+            lines.append(f"{key} {r['status']}: {r.get('error') or r.get('note')} |" + " |" * (11 if cuda else 10))
             continue
         memcols = (f"{r['cuda_max_reserved_mb']:,.0f} | {r['cuda_max_allocated_mb']:,.0f}" if cuda
                    else f"{r['peak_rss_mb']:,.0f}")
         lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f}{_median(r)} | {memcols} | "
                      f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
-                     f"{r.get('kernels', 'none')} | {_first_loss(r)} |")
+                     f"{r.get('kernels', 'none')} | {r.get('allocator', 'system')} | {_first_loss(r)} |")
     if out["ratios"]:
         lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
                   "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]

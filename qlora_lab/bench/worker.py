@@ -125,7 +125,10 @@ def _plain_trainer(spec: dict, callbacks: list):
 
 
 def run(spec: dict) -> dict[str, Any]:
-    result: dict[str, Any] = {"status": "running", "rss_after_imports_mb": _rss_mb("VmRSS")}
+    from qlora_lab import allocator
+
+    result: dict[str, Any] = {"status": "running", "rss_after_imports_mb": _rss_mb("VmRSS"),
+                              "allocator": allocator.active()}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()

@@ -1,0 +1,131 @@
+"""The C allocator of a CPU training process: glibc's malloc, mimalloc or jemalloc, preloaded when it starts.
+
+Why: on CPU, torch takes every activation and gradient from the C library's malloc. glibc's malloc serves the
+1-5 MB tensors of a training step from its heap and keeps what they free there, fragmented: measured on the
+2-core machine (SmolLM2-135M QLoRA, batch 8), the default recipe peaked at 3.1 GiB RSS with glibc and 2.1 GiB when
+every tensor was mmapped (its live peak) — but mmapping them made steps 1.5-2x slower (page faults).
+mimalloc and jemalloc reuse freed blocks by size class: peak RSS 2.2-2.4 GiB at glibc's speed
+(benchmarks/README.md has the bench run).
+
+An allocator must be in place before the process allocates anything, so ``qlora-lab train`` re-executes itself once
+with ``LD_PRELOAD`` (:func:`exec_with`), the way torch's own CPU launcher does
+(``python -m torch.backends.xeon.run_cpu --enable_jemalloc``). Not that launcher itself: it looks for
+``libjemalloc.so``/``libtcmalloc.so`` under a fixed list of prefixes only (not pip packages, not Debian's multiarch
+folder) and exists to pin cores for multi-instance inference.
+
+``auto``: mimalloc (from the `cmeel-mimalloc` wheel, a dependency on Linux x86_64) on Linux without a CUDA driver;
+the system allocator elsewhere (not measured on GPU machines, where the host allocator is not on the hot path).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ALLOCATORS = ("auto", "mimalloc", "jemalloc", "system")
+# Set in the environment of the re-executed process (and its children): never re-execute twice.
+GUARD = "QLORA_LAB_ALLOCATOR_PRELOADED"
+_OVERRIDE = re.compile(r"^\+{0,2}allocator=(.*)$")
+_INSTALL = {"mimalloc": "pip install cmeel-mimalloc",
+            "jemalloc": "install your system's jemalloc package (Debian/Ubuntu: apt install libjemalloc2)"}
+
+
+def library(name: str) -> str | None:
+    """Path of the shared library of allocator ``name``, or None when it is not installed."""
+    if name == "mimalloc":
+        try:
+            dist = metadata.distribution("cmeel-mimalloc")
+        except metadata.PackageNotFoundError:
+            return None
+        files = sorted(str(dist.locate_file(f)) for f in dist.files or () if f.name.startswith("libmimalloc.so"))
+        return next((f for f in files if Path(f).is_file()), None)
+    if name == "jemalloc":
+        dirs = [Path(sys.prefix) / "lib", Path("/usr/local/lib"), Path("/usr/lib64"), Path("/usr/lib"),
+                *Path("/usr/lib").glob("*-linux-gnu")]
+        if os.environ.get("CONDA_PREFIX"):
+            dirs.insert(0, Path(os.environ["CONDA_PREFIX"]) / "lib")
+        for d in dirs:
+            for lib in sorted(d.glob("libjemalloc.so*")):
+                if lib.is_file():
+                    return str(lib)
+        return ctypes.util.find_library("jemalloc")  # a soname the dynamic loader resolves itself
+    return None
+
+
+def _cuda_driver() -> bool:
+    """A cheap check for an NVIDIA driver (no torch import: this runs before the process is re-executed)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+def resolve(name: str) -> str:
+    """The allocator ``name`` stands for on this machine ("auto" -> mimalloc / system)."""
+    if name != "auto":
+        return name
+    if sys.platform != "linux" or _cuda_driver() or library("mimalloc") is None:
+        return "system"
+    return "mimalloc"
+
+
+def active() -> str:
+    """The allocator this process runs with, read from its mapped libraries (Linux); "system" otherwise."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name in ("mimalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"
+
+
+def requested(overrides: list[str]) -> str:
+    """The allocator asked for on a command line of Hydra overrides (the last `allocator=` wins), else "auto"."""
+    found = [m.group(1).strip("'\"") for m in map(_OVERRIDE.match, overrides) if m]
+    return found[-1] if found else "auto"
+
+
+def problem(name: str) -> str | None:
+    """Why allocator ``name`` cannot be used here, as a message naming the fix; None when it can."""
+    if name not in ALLOCATORS:
+        return None  # the validator reports a bad choice
+    resolved = resolve(name)
+    if resolved == "system":
+        return None
+    if sys.platform != "linux":
+        return f"allocator={name}: preloading an allocator needs Linux. Use allocator=system."
+    if library(resolved) is None:
+        return f"allocator={name}: {resolved} is not installed; {_INSTALL[resolved]}, or use allocator=auto."
+    return None
+
+
+def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a new process that should run with allocator ``name`` (LD_PRELOAD set or cleared of ours)."""
+    resolved = resolve(name)
+    ours = {p for a in ("mimalloc", "jemalloc") if (p := library(a))}
+    kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and p not in ours]
+    lib = library(resolved) if resolved != "system" else None
+    out = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", GUARD)}
+    preload = ":".join([lib, *kept] if lib else kept)
+    if preload:
+        out["LD_PRELOAD"] = preload
+    out[GUARD] = resolved
+    return out
+
+
+def exec_with(argv: list[str]) -> None:
+    """Re-execute ``python -m qlora_lab *argv`` with the allocator its overrides ask for, unless this process
+    already runs with it (or was re-executed once already, or it cannot be used: train's validator says why)."""
+    if os.environ.get(GUARD):
+        return
+    name = requested(argv)
+    if name not in ALLOCATORS or problem(name) or resolve(name) == active():
+        return
+    env = preload_env(name, dict(os.environ))
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "qlora_lab", *argv], env)
+    except OSError:  # could not re-execute: go on with the allocator this process has (train logs which)
+        return
