@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 # MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x))
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# peft LoRA layers over nn.Linear and bitsandbytes' Linear4bit (peft.tuners.lora.layer / .bnb)
+LEAN_LORA_LAYERS = {"Linear", "Linear4bit"}
 
 # Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
 # linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
@@ -115,6 +117,40 @@ def _rmsnorm_forward(self, hidden_states):
 
 def _mlp_forward(self, x):
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    """peft's LoRA Linear / Linear4bit forward for one plain LoRA adapter, minus its copies: peft computes
+    ``result.clone() + (lora_B(lora_A(dropout(x))) * scaling)`` (the clone is a defensive copy for 4-bit layers, see
+    peft/tuners/lora/bnb.py); here the scaling and the sum are done in place on tensors no backward keeps, so the
+    values are bit for bit peft's. Anything else (DoRA and other variants, several or disabled adapters, merged
+    weights, autocast, extra arguments) runs peft's own forward."""
+    adapters = self.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    if (args or kwargs or name not in self.lora_A or name in self.lora_variant or self.disable_adapters
+            or self.merged or torch.is_autocast_enabled()):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_A = self.lora_A[name]
+    out = self.lora_B[name](lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))))
+    out = out.mul_(self.scaling[name])
+    if type(self).__name__ == "Linear4bit":
+        out = out.to(result.dtype)  # peft's 4-bit layer rounds the adapter's output to the base output's dtype first
+    # peft's Linear returns (result + out).to(result.dtype), a sum in the promoted dtype: what an in-place add into
+    # `result` computes. In place only on a fresh tensor of the base layer's (autograd refuses the rest loudly).
+    if result._base is None and result.data_ptr() != x.data_ptr():
+        return result.add_(out)
+    return (result + out).to(result.dtype)
+
+
+def apply_lean_lora(model) -> int:
+    """Give every peft LoRA Linear / Linear4bit layer of ``model`` the lean forward; returns how many."""
+    patched = 0
+    for module in model.modules():
+        if type(module).__name__ in LEAN_LORA_LAYERS and type(module).__module__.startswith("peft.tuners.lora"):
+            module.forward = MethodType(_lora_forward, module)
+            patched += 1
+    return patched
 
 
 def apply_lean(model) -> int:

@@ -203,6 +203,8 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
             peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
         )
     trainer.kernels = kernel_impl
+    if kernel_impl == "lean":
+        kernels.apply_lean_lora(trainer.model)  # the peft layers exist once SFTTrainer has wrapped the model
     if truncate_to:
         trainer.train_dataset = _truncate(trainer.train_dataset, truncate_to)
         if trainer.eval_dataset is not None:

@@ -74,3 +74,51 @@ def test_auto_is_lean_on_cpu_and_liger_needs_cuda(monkeypatch):
     assert kernels.resolve("auto", llama) == "lean" and kernels.resolve("none", llama) == "none"
     with pytest.raises(UserError, match="kernels=liger"):
         kernels.resolve("liger", llama)
+
+
+def _lora_model(quantized: bool, use_dora: bool = False):
+    """Two Linear layers under peft LoRA (r 4, dropout 0): over bitsandbytes' Linear4bit (NF4) or nn.Linear."""
+    import peft
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64)).to(torch.bfloat16)
+    if quantized:
+        import bitsandbytes as bnb
+
+        q = torch.nn.Sequential(*(bnb.nn.Linear4bit(m.in_features, m.out_features, compute_dtype=torch.bfloat16,
+                                                     quant_type="nf4") for m in base))
+        for qm, m in zip(q, base):
+            qm.weight = bnb.nn.Params4bit(m.weight.data.float(), requires_grad=False, quant_type="nf4")
+            qm.bias = torch.nn.Parameter(m.bias.data, requires_grad=False)
+        base = q.to("cpu")  # Params4bit quantizes when moved to a device
+        base.is_loaded_in_4bit = True  # what peft reads off a transformers model to pick its Linear4bit layer
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"],
+                                                      lora_dropout=0.0, use_dora=use_dora))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # peft starts B at 0: make the adapter's share visible
+    return model.to(torch.bfloat16) if not quantized else model
+
+
+@pytest.mark.parametrize("quantized, use_dora", [(True, False), (False, False), (True, True)])
+def test_lean_lora_forward_is_peft_bit_for_bit(quantized, use_dora):
+    peft_model = _lora_model(quantized, use_dora)
+    lean = _lora_model(quantized, use_dora)
+    assert kernels.apply_lean_lora(lean) == 2
+    assert {type(m).__module__ for m in lean.modules() if hasattr(m, "lora_A")} == {
+        "peft.tuners.lora.bnb" if quantized else "peft.tuners.lora.layer"}
+    assert all(m.forward.__func__ is kernels._lora_forward for m in lean.modules()
+               if type(m).__name__ in kernels.LEAN_LORA_LAYERS and type(m).__module__.startswith("peft"))
+    x0 = torch.randn(3, 11, 64, dtype=torch.bfloat16)
+    outs, grads = [], []
+    for model in (peft_model, lean):
+        x = x0.clone().requires_grad_()
+        out = model(x)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad] + [p.grad for n, p in sorted(model.named_parameters()) if p.requires_grad])
+    assert torch.equal(outs[0], outs[1])
+    assert len(grads[1]) > 1 and all(torch.equal(a, b) for a, b in zip(*grads))
+    with lean.disable_adapter():  # the adapter off: peft's own path, the base alone
+        base_out = lean(x0)
+    assert not torch.equal(base_out, outs[1])

@@ -245,7 +245,8 @@ def markdown(out: dict[str, Any]) -> str:
     if out["bench"]["overrides"]:
         lines += [f"qlora_lab overrides: `{' '.join(out['bench']['overrides'])}`", ""]
     for name, overrides in out["bench"]["variants"].items():
-        lines.append(f"- `qlora_lab:{name}` = qlora_lab with `{' '.join(overrides)}`")
+        lines.append(f"- `qlora_lab:{name}` = qlora_lab with `{' '.join(overrides)}`" if overrides else
+                     f"- `qlora_lab:{name}` = qlora_lab again (no override: the run-to-run noise)")
     if out["bench"]["variants"]:
         lines.append("")
     mem = "peak reserved MiB | max allocated MiB" if cuda else "peak RSS MiB"
