@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A lent GPU session's whole check in one command (~8 minutes on an H200): install the carried wheels, run the
 # GPU-gated tests, then the issue-#6 GPU matrix: Llama-3.1-8B-architecture QLoRA at seq 2048 — qlora_lab's default,
-# the plain recipe, and two levers (Liger kernels off; every layer checkpointed). Everything lands in $OUT in at
-# most 8 files (the device tool returns no more); the bench writes its JSON/Markdown after every configuration, so
-# a run cut short keeps what it measured.
+# the plain recipe, and two levers (lean kernels + recomputed dropout; every layer checkpointed). Everything lands
+# in $OUT in at most 8 files (the device tool returns no more); the bench writes its JSON/Markdown after every
+# configuration, so a run cut short keeps what it measured. Qwen2.5-7B-arch: MODEL=qwen2.5-7b-arch.
 # Carry: .whl (../shared/device/fetch-wheels.sh liger-kernel==0.8.5) and .gpu_cache (a copy of the tiny-random
 # cache folder). Knobs: MODEL SEQ BATCH STEPS TEST_TIMEOUT BENCH_TIMEOUT; SKIP_INSTALL=1 where the stack is there.
 set -u
@@ -27,8 +27,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
   stamp "gpu tests done"
 fi
-# the variants: this script's arguments (Hydra overrides) or, by default, the two levers below
-[ $# -gt 0 ] || set -- '+bench.variants.no_liger=["kernels=none"]' \
+# the variants: this script's arguments (Hydra overrides) or, by default, the levers not yet measured on a GPU (the
+# CPU defaults lean kernels + recomputed dropout) and every layer checkpointed
+[ $# -gt 0 ] || set -- '+bench.variants.lean=["kernels=lean","adapter.dropout_impl=recompute"]' \
   '+bench.variants.ckpt_all=["trainer.gradient_checkpointing=true"]'
 
 work=/tmp/qlora_bench_work
