@@ -92,63 +92,51 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
 # LoRA dropout with fewer random draws
 
 
-class _Mask:
-    """A dropout mask as its seed: drawn when needed, dropped after use (the forward, then once in backward)."""
-
-    __slots__ = ("seed", "shape", "device", "threshold", "keep")
-
-    def __init__(self, seed: int, shape: torch.Size, device: torch.device, threshold: int):
-        self.seed, self.shape, self.device, self.threshold, self.keep = seed, shape, device, threshold, None
-
-    def get(self) -> torch.Tensor:
-        if self.keep is None:
-            gen = torch.Generator(device=self.device).manual_seed(self.seed)
-            n = self.shape.numel()
-            bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=self.device,
-                                 generator=gen)
-            self.keep = bits.view(torch.int16)[:n].view(self.shape) >= self.threshold
-        return self.keep
+def _draw_keep(seed: int, shape: torch.Size, device: torch.device, threshold: int) -> torch.Tensor:
+    """The keep-mask of a FastDropout call: one 64-bit draw per four elements, each 16 bits against the threshold."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = shape.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device, generator=gen)
+    return bits.view(torch.int16)[:n].view(shape) >= threshold
 
 
-class _SeededDropout(torch.autograd.Function):
-    """x * keep * scale that saves no tensor: backward redraws the mask from its seed."""
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale; saves the 1-byte mask (not the input's dtype, as nn.Dropout does) for backward."""
 
     @staticmethod
-    def forward(ctx, x, mask: _Mask, scale: float):
-        ctx.mask, ctx.scale = mask, scale
-        out = x.mul(mask.get()).mul_(scale)
-        mask.keep = None
-        return out
+    def forward(ctx, x, keep: torch.Tensor, scale: float):
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return x.mul(keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        keep = ctx.mask.get()  # already drawn when the LoRA matmul's backward recomputed the output just before
-        ctx.mask.keep = None
+        (keep,) = ctx.saved_tensors
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 class _DroppedInput:
     """Stands in for a dropout output (or a view of it) saved for backward by the LoRA A matmul: the dropout's input,
-    its mask seed and the view's geometry."""
+    its mask (the one the dropout keeps for its own backward: no copy) and the view's geometry."""
 
-    __slots__ = ("x", "version", "mask", "scale", "geometry")
+    __slots__ = ("x", "version", "keep", "scale", "geometry")
 
-    def __init__(self, x: torch.Tensor, version: int, mask: _Mask, scale: float, saved: torch.Tensor):
-        self.x, self.version, self.mask, self.scale = x, version, mask, scale
+    def __init__(self, x: torch.Tensor, version: int, keep: torch.Tensor, scale: float, saved: torch.Tensor):
+        self.x, self.version, self.keep, self.scale = x, version, keep, scale
         self.geometry = (saved.size(), saved.stride(), saved.storage_offset())
 
     def output(self) -> torch.Tensor:
         if self.x._version != self.version:
             raise RuntimeError("an input of a LoRA dropout was modified in place between forward and backward, so its "
                                "output cannot be recomputed; set adapter.dropout_impl=torch for this model.")
-        return self.x.mul(self.mask.get()).mul_(self.scale).as_strided(*self.geometry)
+        return self.x.mul(self.keep).mul_(self.scale).as_strided(*self.geometry)
 
 
-# dropout outputs of the forward in progress, by storage address (-> weakref, input, mask, scale, input version,
+# dropout outputs of the forward in progress, by storage address (-> weakref, input, keep-mask, scale, input version,
 # output version), while recompute_dropout_outputs() is active. By storage, not by tensor: linear() on a 3-D input
 # saves a 2-D view. The versions at dropout time: a tensor changed in place since is saved as it is (output) or
 # refused in backward (input), as autograd itself would.
-_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, _Mask, float, int, int]] = {}
+_PENDING: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor, float, int, int]] = {}
 _RECOMPUTING = [False]
 
 
@@ -169,9 +157,9 @@ def _unpack(saved):
 @contextmanager
 def recompute_dropout_outputs():
     """Within: FastDropout outputs that autograd saves (the input of every LoRA A matmul) are saved as their input
-    and mask seed, and recomputed in backward. The input is usually kept anyway (the base layer's input, shared by
-    q/k/v and by gate/up), so a layer keeps one tensor per input instead of a dropped copy per adapted module plus
-    its mask. Measured on SmolLM2 QLoRA, CPU: see benchmarks/README.md. Uses torch's saved-tensor hooks; activation
+    and 1-byte mask (which the dropout keeps anyway), and recomputed in backward. The input is usually kept anyway
+    (the base layer's input, shared by q/k/v and by gate/up), so a layer keeps one tensor per input instead of a
+    dropped copy per adapted module. Measured on SmolLM2 QLoRA, CPU: see benchmarks/README.md. Uses torch's saved-tensor hooks; activation
     checkpointing's own hooks take over inside checkpointed layers."""
     _RECOMPUTING[0] = True
     try:
@@ -188,8 +176,9 @@ class FastDropout(torch.nn.Module):
     The same distribution as ``nn.Dropout(p)`` — independent per element, scaled by 1/(1-p) — with p rounded to a
     multiple of 1/65536 (0.05 -> 0.0500031). Why not torch's: on CPU, dropout's per-element Bernoulli draws were 28%
     of a QLoRA step on SmolLM2 (torch profiler: aten::bernoulli_, 7 adapted inputs per layer), and its mask is kept
-    in the input's dtype for backward; here a quarter of the draws and no mask kept: backward redraws it from the
-    seed, and with ``recompute`` (under :func:`recompute_dropout_outputs`) the dropped output is not kept either.
+    in the input's dtype for backward; here a quarter of the draws and a 1-byte mask, and with ``recompute`` (under
+    :func:`recompute_dropout_outputs`) the dropped output is not kept but recomputed from the input and the mask.
+    (Redrawing the mask in backward instead of keeping it saves 1 byte per element and was measured 6% slower.)
     The seed comes from the global CPU generator, so seeds, checkpoint/resume RNG restoring and activation
     checkpointing's RNG replay work as for nn.Dropout.
     """
@@ -203,12 +192,12 @@ class FastDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        seed = int(torch.randint(0, 2**62, (1,)))
-        mask = _Mask(seed, x.shape, x.device, self.threshold)
-        out = _SeededDropout.apply(x, mask, self.scale)
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the global generator: seeding and RNG replay as nn.Dropout
+        keep = _draw_keep(seed, x.shape, x.device, self.threshold)
+        out = _MaskedScale.apply(x, keep, self.scale)
         if self.recompute and _RECOMPUTING[0] and torch.is_grad_enabled():
             key = out.untyped_storage().data_ptr()
-            _PENDING[key] = (weakref.ref(out, lambda _, key=key: _PENDING.pop(key, None)), x, mask, self.scale,
+            _PENDING[key] = (weakref.ref(out, lambda _, key=key: _PENDING.pop(key, None)), x, keep, self.scale,
                              x._version, out._version)
         return out
 

@@ -84,9 +84,9 @@ class AdapterConfig:
     # Dropout on the LoRA input.
     dropout: float = 0.05
     # How LoRA dropout draws its masks: "torch" (nn.Dropout), "fast" (qlora_lab.adapters.FastDropout: the same
-    # distribution from a quarter of the random draws, p rounded to 1/65536; no mask kept, backward redraws it from
-    # its seed), "recompute" (fast, and the dropped inputs of the LoRA A matmuls are not kept either but recomputed
-    # in backward: less memory), "auto" (recompute on CPU, where dropout's random draws were ~28% of a QLoRA step;
+    # distribution from a quarter of the random draws, p rounded to 1/65536, a 1-byte mask kept for backward),
+    # "recompute" (fast, and the dropped inputs of the LoRA A matmuls are not kept but recomputed in backward from
+    # their input and mask: less memory), "auto" (recompute on CPU, where dropout's random draws were ~28% of a QLoRA step;
     # torch on CUDA).
     dropout_impl: str = "auto"
     # Modules to adapt (lora, ia3): "all-linear" (every linear layer but the LM head) or a list of module names.

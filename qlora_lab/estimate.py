@@ -84,9 +84,9 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     layer_bytes = 2 * layer_elems + 4 * 2 * h            # + two RMSNorm inputs kept in float32
     if kernels in ("lean", "liger"):
         layer_bytes -= 2 * 2 * h + 2 * i                 # norm inputs kept in bf16, not float32; SiLU recomputed
-    if adapter == "lora" and dropout > 0 and dropout_impl != "recompute":
-        # dropped copies of the adapted inputs (bf16), + their masks where kept (torch; FastDropout redraws them)
-        layer_bytes += (3 if dropout_impl == "torch" else 2) * (6 * h + i)
+    if adapter == "lora" and dropout > 0:
+        # per adapted input: the dropped copy (bf16; recompute: not kept) + the 1-byte mask
+        layer_bytes += (1 if dropout_impl == "recompute" else 3) * (6 * h + i)
     # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
     share = float(checkpointing)
     kept = layers - round(layers * share)                  # layers that keep all their activations

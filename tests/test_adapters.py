@@ -162,10 +162,14 @@ def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradie
         (y * torch.arange(64.0)).sum().backward()
         return x.grad, a.weight.grad.clone(), b.weight.grad.clone()
 
+    draws = []
+    real_draw = adapters._draw_keep
+    monkeypatch.setattr(adapters, "_draw_keep", lambda *a: (draws.append(a), real_draw(*a))[1])
     plain = grads(False)
     assert "_DroppedInput" not in stand_ins
     recomputed = grads(True)
-    assert stand_ins.count("_DroppedInput") == 1          # A's saved input was the stand-in, redrawn in backward
+    assert len(draws) == 2 and draws[0] == draws[1]      # one draw per call (kept for backward), same seed
+    assert stand_ins.count("_DroppedInput") == 1          # A's saved input was the stand-in, recomputed in backward
     for p, r in zip(plain, recomputed):
         assert torch.equal(p, r)
     assert not adapters._PENDING
