@@ -178,7 +178,7 @@ class FastDropout(torch.nn.Module):
     of a QLoRA step on SmolLM2 (torch profiler: aten::bernoulli_, 7 adapted inputs per layer), and its mask is kept
     in the input's dtype for backward; here a quarter of the draws and a 1-byte mask, and with ``recompute`` (under
     :func:`recompute_dropout_outputs`) the dropped output is not kept but recomputed from the input and the mask.
-    (Redrawing the mask in backward instead of keeping it saves 1 byte per element and was measured 6% slower.)
+    (Redrawing the mask in backward instead of keeping it saves 1 byte per element; it was ~6% slower on CPU.)
     The seed comes from the global CPU generator, so seeds, checkpoint/resume RNG restoring and activation
     checkpointing's RNG replay work as for nn.Dropout.
     """
