@@ -28,6 +28,9 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
     assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
+    from qlora_lab import allocator  # each worker ran with its recipe's allocator: ours as `qlora-lab train` would
+
+    assert ours["allocator"] == allocator.resolve("auto") and plain["allocator"] == "system"
     (ratio,) = out["ratios"]
     assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"], abs=0.01)
     table = (tmp_path / "smoke.md").read_text()
