@@ -7,8 +7,9 @@ with glibc vs 2,547 MiB with mimalloc, and mimalloc 12% faster; glibc with every
 live peak (1.07x the estimate) but runs 1.5x slower (page faults). mimalloc and jemalloc reuse freed blocks by
 size class.
 
-An allocator must be in place before the process allocates anything, so ``qlora-lab train`` re-executes itself once
-with ``LD_PRELOAD`` (:func:`exec_with`), the way torch's own CPU launcher does
+An allocator must be in place before the process allocates anything, so ``qlora-lab train`` re-executes its own
+command line once with ``LD_PRELOAD`` (:func:`exec_with`; only when the CLI is the program, not when called from
+Python; processes it starts get the caller's environment back), the way torch's own CPU launcher does
 (``python -m torch.backends.xeon.run_cpu --enable_jemalloc``). Not that launcher itself: it looks for
 ``libjemalloc.so``/``libtcmalloc.so`` under a fixed list of prefixes only (not pip packages, not Debian's multiarch
 folder) and exists to pin cores for multi-instance inference.
@@ -20,6 +21,7 @@ the system allocator elsewhere (not measured on GPU machines, where the host all
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import re
 import sys
@@ -30,6 +32,9 @@ ALLOCATORS = ("auto", "mimalloc", "jemalloc", "system")
 # Set in the environment of the re-executed process (and its children): never re-execute twice.
 GUARD = "QLORA_LAB_ALLOCATOR_PRELOADED"
 _OVERRIDE = re.compile(r"^\+{0,2}allocator=(.*)$")
+_MALLOC_LIB = re.compile(r"lib(tc|je|mi|hoard|sn)malloc")
+# the caller's values of the variables the re-execution sets, restored in the re-executed process
+_ORIGINAL = "QLORA_LAB_ALLOCATOR_ORIGINAL_ENV"
 _INSTALL = {"mimalloc": "pip install cmeel-mimalloc",
             "jemalloc": "install your system's jemalloc package (Debian/Ubuntu: apt install libjemalloc2)"}
 
@@ -57,8 +62,8 @@ def library(name: str) -> str | None:
 
 
 def _cuda_driver() -> bool:
-    """A cheap check for an NVIDIA driver (no torch import: this runs before the process is re-executed)."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+    """A cheap check for a GPU driver, NVIDIA or ROCm (no torch import: this runs before the re-execution)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()
 
 
 def resolve(name: str) -> str:
@@ -76,7 +81,7 @@ def active() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for name in ("mimalloc", "jemalloc"):
+    for name in ("mimalloc", "jemalloc", "tcmalloc"):
         if f"lib{name}" in maps:
             return name
     return "system"
@@ -121,16 +126,30 @@ def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def exec_with(argv: list[str]) -> None:
-    """Re-execute ``python -m qlora_lab *argv`` with the allocator its overrides ask for, unless this process
-    already runs with it (or was re-executed once already, or it cannot be used: train's validator says why)."""
+def _user_malloc(env: dict[str, str]) -> bool:
+    """Whether LD_PRELOAD already names a malloc library (tcmalloc, jemalloc, mimalloc...): auto then leaves it."""
+    return bool(_MALLOC_LIB.search(env.get("LD_PRELOAD", "")))
+
+
+def exec_with(argv: list[str], entry_point: bool = True) -> None:
+    """Re-execute this process's own command line with the allocator ``argv``'s overrides ask for, unless it runs
+    with it already, was re-executed once already (then the caller's environment is restored, so that processes it
+    starts — submitit/SLURM jobs, tools — do not inherit the preload), the allocator cannot be used (train's
+    validator says why), ``auto`` meets an allocator the user preloaded, or the CLI was called from other Python
+    code (``entry_point=False``: re-executing would replace the caller's process)."""
     if os.environ.get(GUARD):
+        for key, value in json.loads(os.environ.pop(_ORIGINAL, "{}")).items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         return
     name = requested(argv)
-    if name not in ALLOCATORS or problem(name) or resolve(name) == active():
+    if (not entry_point or name not in ALLOCATORS or problem(name) or resolve(name) == active()
+            or (name == "auto" and _user_malloc(os.environ))):
         return
     env = preload_env(name, dict(os.environ))
+    env[_ORIGINAL] = json.dumps({k: os.environ.get(k) for k in ("LD_PRELOAD", "MIMALLOC_PURGE_DELAY", GUARD)})
+    # the same command line, interpreter options and wrappers (python -X ..., -m cProfile ...) included
+    command = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, "-m", "qlora_lab", *argv])[1:]]
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "qlora_lab", *argv], env)
+        os.execve(sys.executable, command, env)
     except OSError:  # could not re-execute: go on with the allocator this process has (train logs which)
         return

@@ -20,6 +20,7 @@ USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         from qlora_lab import allocator
 
-        allocator.exec_with(argv)  # before anything is allocated: re-executes with LD_PRELOAD (once) if needed
+        # before anything is allocated: re-executes with LD_PRELOAD (once) if needed — only when this is the program
+        allocator.exec_with(argv, entry_point=from_command_line)
     module = importlib.import_module(COMMANDS[command][0])
     if command == "train":
         from qlora_lab.distributed import shared_run_dir

@@ -85,8 +85,9 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     if kernels in ("lean", "liger"):
         layer_bytes -= 2 * 2 * h + 2 * i                 # norm inputs kept in bf16, not float32; SiLU recomputed
     if adapter == "lora" and dropout > 0:
-        # per adapted input: the dropped copy (bf16; recompute: not kept) + the 1-byte mask
-        layer_bytes += (1 if dropout_impl == "recompute" else 3) * (6 * h + i)
+        # per adapted input: the dropped copy (bf16; recompute: not kept) + the mask (FastDropout: 1 byte; torch's
+        # dropout keeps it in the input's dtype)
+        layer_bytes += {"recompute": 1, "fast": 3}.get(dropout_impl, 4) * (6 * h + i)
     # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
     share = float(checkpointing)
     kept = layers - round(layers * share)                  # layers that keep all their activations

@@ -34,6 +34,8 @@ LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 # peft LoRA layers over nn.Linear and bitsandbytes' Linear4bit (peft.tuners.lora.layer / .bnb)
 LEAN_LORA_LAYERS = {"Linear", "Linear4bit"}
+# base layers whose output no backward keeps (exactly these classes, not subclasses): the lean forward adds in place
+_IN_PLACE_BASES: set[type] = set()
 
 # Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
 # linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
@@ -127,8 +129,11 @@ def _lora_forward(self, x, *args, **kwargs):
     weights, autocast, extra arguments) runs peft's own forward."""
     adapters = self.active_adapters
     name = adapters[0] if len(adapters) == 1 else None
+    base = self.base_layer
     if (args or kwargs or name not in self.lora_A or name in self.lora_variant or self.disable_adapters
-            or self.merged or torch.is_autocast_enabled()):
+            or self.merged or torch.is_autocast_enabled() or type(base) not in _IN_PLACE_BASES
+            or base._forward_hooks or torch.nn.modules.module._global_forward_hooks):
+        # (forward hooks would see the base output change in place; other Linear subclasses may save it)
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     lora_A = self.lora_A[name]
@@ -145,6 +150,14 @@ def _lora_forward(self, x, *args, **kwargs):
 
 def apply_lean_lora(model) -> int:
     """Give every peft LoRA Linear / Linear4bit layer of ``model`` the lean forward; returns how many."""
+    if not _IN_PLACE_BASES:
+        _IN_PLACE_BASES.add(torch.nn.Linear)
+        try:
+            import bitsandbytes as bnb
+
+            _IN_PLACE_BASES.add(bnb.nn.Linear4bit)
+        except ImportError:
+            pass
     patched = 0
     for module in model.modules():
         if type(module).__name__ in LEAN_LORA_LAYERS and type(module).__module__.startswith("peft.tuners.lora"):

@@ -404,10 +404,11 @@ def _log_allocator(requested: str) -> None:
     if want == have:
         log.info("C allocator: %s (allocator=%s)", have, requested)
     else:
-        log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when the "
-                    "process starts, which `qlora-lab train` does for you (a Python caller of train() or a job of "
-                    "an in-process multirun keeps its own; LD_PRELOAD=%s python ... sets it by hand).", requested,
-                    want, have, allocator.library(want) or want)
+        log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when a process "
+                    "starts. `qlora-lab train` re-executes itself with the one given on its command line (not one "
+                    "set in a config file); processes started otherwise (train() called from Python, submitit/SLURM "
+                    "jobs) keep their own; LD_PRELOAD=%s sets it by hand.", requested, want, have,
+                    allocator.library(want) or want)
 
 
 def _reset_peak_mem() -> None:

@@ -57,19 +57,34 @@ def test_preload_env_starts_a_process_with_the_allocator_and_system_clears_it():
 
 
 @needs_mimalloc
-def test_the_cli_reexecutes_once_with_the_requested_allocator(tmp_path):
-    """exec_with replaces the process (same pid) with one that has the allocator; the guard stops a second exec."""
+def test_the_cli_reexecutes_its_command_line_once_and_hands_children_the_callers_environment():
+    """exec_with replaces the process (same pid) by the same command line with the allocator; the re-executed process
+    gets the caller's environment back (no preload for the processes it starts) and never re-executes again."""
     code = ("import os, sys; from qlora_lab import allocator; print(os.getpid(), allocator.active(), flush=True); "
-            "allocator.exec_with(sys.argv[1:])")
-    # the re-executed process runs `python -m qlora_lab ...`: stand in a module that prints the same line
-    pkg = tmp_path / "qlora_lab"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(f"__path__.append({str(ROOT / 'qlora_lab')!r})\n")
-    (pkg / "__main__.py").write_text(code.replace("; allocator.exec_with(sys.argv[1:])", "") + "\n")
+            "allocator.exec_with(sys.argv[1:]); "
+            "print('left', 'libmimalloc' in os.environ.get('LD_PRELOAD', ''), allocator.GUARD in os.environ)")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.GUARD)}
-    out = subprocess.run([sys.executable, "-c", code, "train", "allocator=mimalloc"], cwd=tmp_path,
-                         env={**env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=120)
-    lines = out.stdout.split()
+    out = subprocess.run([sys.executable, "-c", code, "train", "allocator=mimalloc"], env={**env, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len(lines) == 4 and lines[0] == lines[2], out.stdout  # exec: same process
-    assert lines[1] == "system" and lines[3] == "mimalloc"
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == 3, out.stdout
+    (pid1, before), (pid2, after), left = lines
+    assert pid1 == pid2 and (before, after) == ("system", "mimalloc")  # exec: the same process
+    assert left == ["left", "False", "False"]
+
+
+def test_no_reexec_when_called_from_python_or_when_the_user_preloaded_an_allocator(monkeypatch):
+    def refuse(*a):
+        raise AssertionError("re-executed")
+
+    monkeypatch.setattr(os, "execve", refuse)
+    monkeypatch.delenv(allocator.GUARD, raising=False)
+    monkeypatch.setattr(allocator, "active", lambda: "system")
+    monkeypatch.setattr(allocator, "resolve", lambda name: "mimalloc" if name == "auto" else name)
+    monkeypatch.setattr(allocator, "problem", lambda name: None)
+    allocator.exec_with(["train"], entry_point=False)            # cli.main(["train", ...]) from other code
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libtcmalloc.so.4")
+    allocator.exec_with(["train"])                               # auto: the user's own allocator stays
+    with pytest.raises(AssertionError, match="re-executed"):
+        allocator.exec_with(["train", "allocator=mimalloc"])     # asked for by name: honoured

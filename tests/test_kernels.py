@@ -122,3 +122,34 @@ def test_lean_lora_forward_is_peft_bit_for_bit(quantized, use_dora):
     with lean.disable_adapter():  # the adapter off: peft's own path, the base alone
         base_out = lean(x0)
     assert not torch.equal(base_out, outs[1])
+
+
+def test_lean_lora_forward_falls_back_where_an_in_place_add_could_be_seen():
+    """A forward hook on the base layer, or a Linear subclass that saves its output: peft's own forward runs."""
+    import peft
+
+    class TanhLinear(torch.nn.Linear):  # saves its output for backward (tanh)
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
+    def model():
+        torch.manual_seed(0)
+        m = peft.get_peft_model(torch.nn.Sequential(TanhLinear(16, 16), torch.nn.Linear(16, 16)),
+                                peft.LoraConfig(r=2, target_modules=["0", "1"], lora_dropout=0.0))
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p)
+        return m
+
+    ref, lean = model(), model()
+    assert kernels.apply_lean_lora(lean) == 2
+    seen = {}
+    for name, m in (("ref", ref), ("lean", lean)):
+        m.base_model.model[1].base_layer.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o))
+    x = torch.randn(4, 16)
+    outs = []
+    for m in (ref, lean):
+        y = m(x)
+        y.sum().backward()  # TanhLinear's saved output was not changed in place
+        outs.append(y.detach())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(seen["ref"], seen["lean"])
