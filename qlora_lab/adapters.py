@@ -159,8 +159,8 @@ def recompute_dropout_outputs():
     """Within: FastDropout outputs that autograd saves (the input of every LoRA A matmul) are saved as their input
     and 1-byte mask (which the dropout keeps anyway), and recomputed in backward. The input is usually kept anyway
     (the base layer's input, shared by q/k/v and by gate/up), so a layer keeps one tensor per input instead of a
-    dropped copy per adapted module. Measured on SmolLM2 QLoRA, CPU: see benchmarks/README.md. Uses torch's saved-tensor hooks; activation
-    checkpointing's own hooks take over inside checkpointed layers."""
+    dropped copy per adapted module. Measured on SmolLM2 QLoRA, CPU: see benchmarks/README.md. Uses torch's
+    saved-tensor hooks; activation checkpointing's own hooks take over inside checkpointed layers."""
     _RECOMPUTING[0] = True
     try:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):

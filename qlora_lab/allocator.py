@@ -14,13 +14,14 @@ Python; processes it starts get the caller's environment back), the way torch's 
 ``libjemalloc.so``/``libtcmalloc.so`` under a fixed list of prefixes only (not pip packages, not Debian's multiarch
 folder) and exists to pin cores for multi-instance inference.
 
-``auto``: mimalloc (from the `cmeel-mimalloc` wheel, a dependency on Linux x86_64) on Linux without a CUDA driver;
+``auto``: mimalloc (from the `cmeel-mimalloc` wheel, a dependency on Linux x86_64) on Linux without a GPU driver;
 the system allocator elsewhere (not measured on GPU machines, where the host allocator is not on the hot path).
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 ALLOCATORS = ("auto", "mimalloc", "jemalloc", "system")
+_PRELOADABLE = ("mimalloc", "jemalloc")
 # Set in the environment of the re-executed process (and its children): never re-execute twice.
 GUARD = "QLORA_LAB_ALLOCATOR_PRELOADED"
 _OVERRIDE = re.compile(r"^\+{0,2}allocator=(.*)$")
@@ -39,6 +41,7 @@ _INSTALL = {"mimalloc": "pip install cmeel-mimalloc",
             "jemalloc": "install your system's jemalloc package (Debian/Ubuntu: apt install libjemalloc2)"}
 
 
+@functools.lru_cache(maxsize=None)  # package metadata and folder scans: once per process
 def library(name: str) -> str | None:
     """Path of the shared library of allocator ``name``, or None when it is not installed."""
     if name == "mimalloc":
@@ -61,7 +64,7 @@ def library(name: str) -> str | None:
     return None
 
 
-def _cuda_driver() -> bool:
+def _gpu_driver() -> bool:
     """A cheap check for a GPU driver, NVIDIA or ROCm (no torch import: this runs before the re-execution)."""
     return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()
 
@@ -70,7 +73,7 @@ def resolve(name: str) -> str:
     """The allocator ``name`` stands for on this machine ("auto" -> mimalloc / system)."""
     if name != "auto":
         return name
-    if sys.platform != "linux" or _cuda_driver() or library("mimalloc") is None:
+    if sys.platform != "linux" or _gpu_driver() or library("mimalloc") is None:
         return "system"
     return "mimalloc"
 
@@ -81,7 +84,7 @@ def active() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for name in ("mimalloc", "jemalloc", "tcmalloc"):
+    for name in (*_PRELOADABLE, "tcmalloc"):
         if f"lib{name}" in maps:
             return name
     return "system"
@@ -110,7 +113,7 @@ def problem(name: str) -> str | None:
 def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
     """``env`` for a new process that should run with allocator ``name`` (LD_PRELOAD set or cleared of ours)."""
     resolved = resolve(name)
-    ours = {p for a in ("mimalloc", "jemalloc") if (p := library(a))}
+    ours = {p for a in _PRELOADABLE if (p := library(a))}
     kept = [p for p in env.get("LD_PRELOAD", "").split(":") if p and p not in ours]
     lib = library(resolved) if resolved != "system" else None
     out = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", GUARD)}
@@ -139,7 +142,10 @@ def exec_with(argv: list[str], entry_point: bool = True) -> None:
     code (``entry_point=False``: re-executing would replace the caller's process)."""
     if os.environ.get(GUARD):
         for key, value in json.loads(os.environ.pop(_ORIGINAL, "{}")).items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         return
     name = requested(argv)
     if (not entry_point or name not in ALLOCATORS or problem(name) or resolve(name) == active()

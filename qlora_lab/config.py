@@ -86,8 +86,8 @@ class AdapterConfig:
     # How LoRA dropout draws its masks: "torch" (nn.Dropout), "fast" (qlora_lab.adapters.FastDropout: the same
     # distribution from a quarter of the random draws, p rounded to 1/65536, a 1-byte mask kept for backward),
     # "recompute" (fast, and the dropped inputs of the LoRA A matmuls are not kept but recomputed in backward from
-    # their input and mask: less memory), "auto" (recompute on CPU, where dropout's random draws were ~28% of a QLoRA step;
-    # torch on CUDA).
+    # their input and mask: less memory), "auto" (recompute on CPU, where dropout's random draws were ~28% of a
+    # QLoRA step; torch on CUDA).
     dropout_impl: str = "auto"
     # Modules to adapt (lora, ia3): "all-linear" (every linear layer but the LM head) or a list of module names.
     target_modules: Any = "all-linear"
@@ -278,7 +278,7 @@ class TrainRunConfig:
     #   "auto"  — lean on CPU (measured: less memory, same speed); none on CUDA (lean not measured there yet).
     kernels: str = "auto"
     # The C allocator of the training process (qlora_lab/allocator.py): "mimalloc", "jemalloc", "system" (the C
-    # library's malloc), or "auto" = mimalloc on Linux without a CUDA driver, else system. On CPU, glibc's malloc
+    # library's malloc), or "auto" = mimalloc on Linux without a GPU driver, else system. On CPU, glibc's malloc
     # keeps freed activation memory fragmented: mimalloc measured -0.4 GiB peak RSS and +12% tokens/s. Applied when
     # `qlora-lab train` starts, from its command line (it re-executes itself once with LD_PRELOAD; auto leaves an
     # allocator you preloaded yourself); train() called from Python, a value set in a config file, and
@@ -507,8 +507,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(p, "batching", cfg.batching, BATCHING)
     _choice(p, "kernels", cfg.kernels, KERNELS)
     _choice(p, "allocator", cfg.allocator, allocator.ALLOCATORS)
-    if allocator.problem(cfg.allocator):
-        p.append(allocator.problem(cfg.allocator))
+    why_not = allocator.problem(cfg.allocator)
+    if why_not:
+        p.append(why_not)
     if cfg.kernels == "liger":
         from qlora_lab.kernels import liger_unavailable
 

@@ -86,7 +86,7 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
         layer_bytes -= 2 * 2 * h + 2 * i                 # norm inputs kept in bf16, not float32; SiLU recomputed
     if adapter == "lora" and dropout > 0:
         # per adapted input: the dropped copy (bf16; recompute: not kept) + the mask (FastDropout: 1 byte; torch's
-        # dropout keeps it in the input's dtype)
+        # dropout: the input's dtype on CPU, 1 byte on CUDA — counted as the larger)
         layer_bytes += {"recompute": 1, "fast": 3}.get(dropout_impl, 4) * (6 * h + i)
     # checkpointing: True (every layer), False, or the fraction of layers checkpointed (every n-th: 1/n)
     share = float(checkpointing)

@@ -10,6 +10,8 @@ transformers' eager modules compute, with the same operations in the same order;
   row, and the float32 copy is made again in backward.
 - SwiGLU MLP (down(silu(gate(x)) * up(x))): the eager module keeps gate(x), silu(gate(x)) and up(x); here
   silu(gate(x)) is recomputed in backward from gate(x).
+- peft's LoRA layer forward (applied once the trainer has wrapped the model): the same result without peft's
+  defensive copy of the base output and its two temporaries (:func:`_lora_forward`).
 
 On the embedded model (SmolLM2-135M, QLoRA, batch 8 x 256 tokens) that is 1/3 GiB less per step, see
 benchmarks/README.md. Patched per module instance (forward replaced), only for the module classes listed below.
@@ -34,8 +36,6 @@ LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm
 LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 # peft LoRA layers over nn.Linear and bitsandbytes' Linear4bit (peft.tuners.lora.layer / .bnb)
 LEAN_LORA_LAYERS = {"Linear", "Linear4bit"}
-# base layers whose output no backward keeps (exactly these classes, not subclasses): the lean forward adds in place
-_IN_PLACE_BASES: set[type] = set()
 
 # Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
 # linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
@@ -131,11 +131,11 @@ def _lora_forward(self, x, *args, **kwargs):
     name = adapters[0] if len(adapters) == 1 else None
     base = self.base_layer
     if (args or kwargs or name not in self.lora_A or name in self.lora_variant or self.disable_adapters
-            or self.merged or torch.is_autocast_enabled() or type(base) not in _IN_PLACE_BASES
+            or self.merged or torch.is_autocast_enabled() or not _output_unsaved(base)
             or base._forward_hooks or torch.nn.modules.module._global_forward_hooks):
-        # (forward hooks would see the base output change in place; other Linear subclasses may save it)
+        # (forward hooks would see the base output change in place)
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
+    result = base(x)
     lora_A = self.lora_A[name]
     out = self.lora_B[name](lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))))
     out = out.mul_(self.scaling[name])
@@ -148,16 +148,15 @@ def _lora_forward(self, x, *args, **kwargs):
     return (result + out).to(result.dtype)
 
 
+def _output_unsaved(base) -> bool:
+    """Whether no backward keeps ``base``'s output: exactly nn.Linear or bitsandbytes' Linear4bit (a subclass may
+    save it, e.g. one ending in tanh), so the lean forward may add into it in place."""
+    cls = type(base)
+    return cls is torch.nn.Linear or (cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes"))
+
+
 def apply_lean_lora(model) -> int:
     """Give every peft LoRA Linear / Linear4bit layer of ``model`` the lean forward; returns how many."""
-    if not _IN_PLACE_BASES:
-        _IN_PLACE_BASES.add(torch.nn.Linear)
-        try:
-            import bitsandbytes as bnb
-
-            _IN_PLACE_BASES.add(bnb.nn.Linear4bit)
-        except ImportError:
-            pass
     patched = 0
     for module in model.modules():
         if type(module).__name__ in LEAN_LORA_LAYERS and type(module).__module__.startswith("peft.tuners.lora"):

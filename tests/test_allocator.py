@@ -33,15 +33,15 @@ def test_unknown_or_missing_allocators_are_explained(monkeypatch):
     assert allocator.problem("system") is None
     assert allocator.problem("tcmalloc") is None  # not a choice: the validator names the choices
     monkeypatch.setattr(allocator, "library", lambda name: None)
-    monkeypatch.setattr(allocator, "_cuda_driver", lambda: False)
+    monkeypatch.setattr(allocator, "_gpu_driver", lambda: False)
     assert allocator.resolve("auto") == "system"  # nothing installed: auto falls back, no error
     assert allocator.problem("auto") is None
     msg = allocator.problem("jemalloc")
     assert msg and "libjemalloc2" in msg and "allocator=auto" in msg
 
 
-def test_auto_is_system_where_a_cuda_driver_is(monkeypatch):
-    monkeypatch.setattr(allocator, "_cuda_driver", lambda: True)
+def test_auto_is_system_where_a_gpu_driver_is(monkeypatch):
+    monkeypatch.setattr(allocator, "_gpu_driver", lambda: True)
     assert allocator.resolve("auto") == "system"
     assert allocator.resolve("mimalloc") == "mimalloc"  # asked for by name: honoured
 
@@ -64,8 +64,8 @@ def test_the_cli_reexecutes_its_command_line_once_and_hands_children_the_callers
             "allocator.exec_with(sys.argv[1:]); "
             "print('left', 'libmimalloc' in os.environ.get('LD_PRELOAD', ''), allocator.GUARD in os.environ)")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.GUARD)}
-    out = subprocess.run([sys.executable, "-c", code, "train", "allocator=mimalloc"], env={**env, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, "train", "allocator=mimalloc"],
+                         env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line.split() for line in out.stdout.splitlines()]
     assert len(lines) == 3, out.stdout
