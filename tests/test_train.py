@@ -229,7 +229,7 @@ def test_checkpoint_every_n_picks_the_fewest_layers_that_fit():
 
 
 @pytest.mark.parametrize("batching", ["shuffled", "padding_free"])
-def test_batching_modes_train_and_padding_free_keeps_max_length(tmp_path, captured, batching):
+def test_batching_modes_train_and_padding_free_keeps_max_length_and_row_boundaries(tmp_path, captured, batching):
     metrics = train_mod.train(compose_train([*TINY, f"batching={batching}", "trainer.max_length=115",
                                              "trainer.max_steps=2", "score_before=false",
                                              "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
@@ -241,6 +241,16 @@ def test_batching_modes_train_and_padding_free_keeps_max_length(tmp_path, captur
         assert trainer.args.padding_free and trainer.args.max_length is None  # TRL's own check, sidestepped
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # one row, positions restart per row
+        # attention stays inside each row: every row's logits in the packed batch equal the row's logits alone
+        model = trainer.model.eval()
+        ids, pos = batch["input_ids"].to(model.device), batch["position_ids"].to(model.device)
+        starts = [i for i in range(ids.shape[1]) if pos[0, i] == 0] + [ids.shape[1]]
+        assert len(starts) > 2  # at least two rows packed
+        with torch.no_grad():
+            packed = model(input_ids=ids, position_ids=pos).logits[0].float()
+            for a, b in zip(starts, starts[1:]):
+                alone = model(input_ids=ids[:, a:b]).logits[0].float()
+                torch.testing.assert_close(packed[a:b], alone, rtol=0.02, atol=0.02)
     else:
         assert trainer.args.train_sampling_strategy == "random"
 
