@@ -303,6 +303,9 @@ class BenchConfig:
     # Optimizer steps measured, after `warmup_steps` steps that are not (allocation, kernel selection, caches).
     steps: int = 6
     warmup_steps: int = 2
+    # Steps profiled with torch.profiler after the measured ones (not in the timings); 0 = none. The results then
+    # list, per configuration, the ops with the most self time (GPU time on CUDA, CPU time otherwise).
+    profile_steps: int = 0
     # Extra `qlora-lab train` overrides for the qlora_lab recipe: the levers, e.g. ["loss=native"].
     overrides: list[str] = field(default_factory=list)
     # More qlora_lab recipes to measure in the same run, name -> overrides (on top of `overrides`), e.g.

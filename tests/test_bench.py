@@ -13,7 +13,7 @@ from tests.test_cli import assert_clean_failure, run_cli
 @pytest.mark.integration
 def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     proc = run_cli("bench", "model=tiny-random", "bench.methods=[qlora]", "bench.seq_lens=[160]",
-                   "bench.batch_sizes=[2]", "bench.steps=2", "bench.warmup_steps=1",
+                   "bench.batch_sizes=[2]", "bench.steps=2", "bench.warmup_steps=1", "bench.profile_steps=1",
                    f"bench.results_dir={tmp_path}", "bench.name=smoke", f"hydra.run.dir={tmp_path / 'work'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "smoke.json").read_text())
@@ -25,6 +25,10 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
         assert 0 < r["mfu"] < 1 and r["peak_rss_mb"] > r["rss_after_imports_mb"] > 0
         assert r["trainable_params"] == 32768  # LoRA r16 on the tiny model's 14 linear layers
         assert r["estimated_mb"] > 0 and r["flops_per_token"] == 4 * r["matmul_params"]
+        # the profiled step ran after the measured ones and is not in their timings
+        assert len(r["step_times_s"]) == 3 and r["profile"]
+        assert sum(x["share"] for x in r["profile"]) <= 1.0001 and all(x["ms_per_step"] > 0 for x in r["profile"])
+        assert any(x["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for x in r["profile"])
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
     assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
@@ -35,6 +39,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     assert ratio["tokens_per_s_ratio"] == pytest.approx(ours["tokens_per_s"] / plain["tokens_per_s"], abs=0.01)
     table = (tmp_path / "smoke.md").read_text()
     assert "| qlora | 160 | 2 | qlora_lab |" in table and "tokens/s ratio" in table
+    assert table.count("Where the time goes") == 2
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
@@ -70,6 +75,6 @@ def test_variants_get_their_own_ratio_and_bad_names_are_refused():
     assert [(r["recipe"], r["tokens_per_s_ratio"], r["peak_mem_ratio"]) for r in ratios(results)] == [
         ("qlora_lab", 3.0, 1.0), ("qlora_lab:shuffled", 2.5, 1.5)]
     bench = {"methods": ["qlora"], "recipes": ["qlora_lab"], "seq_lens": [256], "batch_sizes": [8], "steps": 1,
-             "warmup_steps": 0, "variants": {"a:b": ["batching=shuffled"]}}
+             "warmup_steps": 0, "profile_steps": 0, "variants": {"a:b": ["batching=shuffled"]}}
     with pytest.raises(ConfigError, match="bench.variants: name 'a:b'"):
         validate_bench(OmegaConf.create({"bench": bench}))

@@ -5,7 +5,8 @@
 # in $OUT in at most 8 files (the device tool returns no more); the bench writes its JSON/Markdown after every
 # configuration, so a run cut short keeps what it measured. Qwen2.5-7B-arch: MODEL=qwen2.5-7b-arch.
 # Carry: .whl (../shared/device/fetch-wheels.sh liger-kernel==0.8.5) and .gpu_cache (a copy of the tiny-random
-# cache folder). Knobs: MODEL SEQ BATCH STEPS TEST_TIMEOUT BENCH_TIMEOUT; SKIP_INSTALL=1 where the stack is there.
+# cache folder). Every configuration also profiles 2 steps after the measured ones (where the GPU time goes: MFU,
+# Liger's slow steps). Knobs: MODEL SEQ BATCH STEPS WARMUP PROFILE TEST_TIMEOUT BENCH_TIMEOUT; SKIP_INSTALL=1 where the stack is there.
 set -u
 OUT=${OUT:-/tmp/qlora_out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -35,7 +36,7 @@ fi
 work=/tmp/qlora_bench_work
 timeout "${BENCH_TIMEOUT:-390}" python3 -m qlora_lab bench "model=${MODEL:-llama-3.1-8b-arch}" "bench.methods=[qlora]" \
   "bench.seq_lens=[${SEQ:-2048}]" "bench.batch_sizes=[${BATCH:-4}]" "bench.steps=${STEPS:-4}" \
-  "bench.warmup_steps=${WARMUP:-2}" bench.timeout_s=170 "bench.results_dir=$OUT" "hydra.run.dir=$work" "$@" \
+  "bench.warmup_steps=${WARMUP:-2}" "bench.profile_steps=${PROFILE:-2}" bench.timeout_s=170 "bench.results_dir=$OUT" "hydra.run.dir=$work" "$@" \
   > "$OUT/bench.log" 2>&1
 echo "bench exit $?" >> "$OUT/bench.log"
 stamp "bench done"

@@ -55,8 +55,9 @@ def validate_bench(cfg: DictConfig) -> None:
     for name in b.variants:
         if not str(name).replace("_", "").replace("-", "").isalnum():
             p.append(f"bench.variants: name {name!r} must be letters, digits, '-' or '_'.")
-    if b.steps < 1 or b.warmup_steps < 0:
-        p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}: need steps >= 1 and warmup >= 0.")
+    if b.steps < 1 or b.warmup_steps < 0 or b.profile_steps < 0:
+        p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}, bench.profile_steps={b.profile_steps}: "
+                 "need steps >= 1, warmup_steps >= 0 and profile_steps >= 0.")
     if p:
         raise ConfigError(p)
 
@@ -123,7 +124,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
                             "note": "GPU row: architecture-only models are benchmarked on a GPU (no CUDA device here)"})
             continue
         if seq_len not in rows_share:
-            rows_share[seq_len] = _write_rows(work, model_path, seq_len, batch * (b.steps + b.warmup_steps) * 2)
+            rows_share[seq_len] = _write_rows(work, model_path, seq_len,
+                                             batch * (b.steps + b.warmup_steps + b.profile_steps) * 2)
         row.update(_run_one(cfg, work, model_path, row))
         if row["status"] == "completed":
             _add_derived(row, cfg, model_path, peak, rows_share[seq_len])
@@ -173,7 +175,7 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
     overrides = [*b.overrides, *(b.variants[variant] if variant else [])]
     spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
             "rows_path": str(work / f"rows-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
-            "steps": b.steps, "warmup_steps": b.warmup_steps, "overrides": overrides, "output_dir": str(work / tag)}
+            "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides, "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     # the allocator `qlora-lab train` would start with (qlora_lab), or the C library's (plain: `python script.py`)
@@ -268,6 +270,14 @@ def markdown(out: dict[str, Any]) -> str:
                   "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {x['method']} | {x['seq_len']} | {x['batch']} | {x['recipe']} | {x['tokens_per_s_ratio']}x | "
                   f"{x['peak_mem_ratio']}x |" for x in out["ratios"]]
+    for r in out["results"]:
+        if r.get("profile"):
+            lines += ["", f"Where the time goes — {r['method']} seq {r['seq_len']} batch {r['batch']} {r['recipe']} "
+                      f"({out['bench']['profile_steps']} profiled steps after the measured ones; self "
+                      f"{'GPU' if cuda else 'CPU'} time):", "", "| op | share | ms per step | calls per step |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| `{x['op']}` | {100 * x['share']:.1f}% | {x['ms_per_step']:,.1f} | {x['calls_per_step']:g} |"
+                      for x in r["profile"]]
     return "\n".join(lines) + "\n"
 
 

@@ -46,14 +46,47 @@ class StepTimer(TrainerCallback):
         if logs and "loss" in logs:
             self.losses.append(logs["loss"])
 
-    def measure(self, warmup: int) -> dict[str, Any]:
-        (t0, n0), (t1, n1) = self.marks[warmup], self.marks[-1]
-        steps = len(self.marks) - 1 - warmup
-        times = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]  # every step, warm-up included
+    def measure(self, warmup: int, steps: int) -> dict[str, Any]:
+        marks = self.marks[:warmup + steps + 1]  # the profiled steps after these are not measured
+        (t0, n0), (t1, n1) = marks[warmup], marks[-1]
+        times = [b[0] - a[0] for a, b in zip(marks, marks[1:])]  # every step, warm-up included
         return {"measured_steps": steps, "tokens": n1 - n0, "seconds": round(t1 - t0, 3),
                 "tokens_per_s": round((n1 - n0) / (t1 - t0), 2), "step_time_s": round((t1 - t0) / steps, 4),
                 "step_time_median_s": round(statistics.median(times[warmup:]), 4),
                 "step_times_s": [round(t, 3) for t in times]}
+
+
+class StepProfiler(TrainerCallback):
+    """torch.profiler over ``steps`` optimizer steps that start after ``after`` steps: which ops take the time."""
+
+    def __init__(self, after: int, steps: int) -> None:
+        self.after, self.steps, self.prof = after, steps, None
+        self.device = torch.cuda.is_available()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.after and self.prof is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device:
+                torch.cuda.synchronize()
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step == self.after + self.steps:
+            if self.device:
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+
+    def top_ops(self, limit: int = 12) -> list[dict[str, Any]]:
+        """The ops with the most self time (the GPU's on CUDA, else the CPU's), per profiled step."""
+        key = "self_device_time_total" if self.device else "self_cpu_time_total"
+        events = [e for e in self.prof.key_averages() if getattr(e, key) > 0]
+        total = sum(getattr(e, key) for e in events)
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        return [{"op": e.key, "share": round(getattr(e, key) / total, 4),
+                 "ms_per_step": round(getattr(e, key) / 1e3 / self.steps, 3),
+                 "calls_per_step": round(e.count / self.steps, 1)} for e in events[:limit]]
 
 
 def _rss_mb(field: str) -> float:
@@ -84,7 +117,7 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     overrides = [f"model.name_or_path={spec['model_path']}", *METHOD_OVERRIDES[spec["method"]], "data=file",
                  f"data.path={spec['rows_path']}", f"data.eval_path={spec['rows_path']}", "data.task_eval_samples=0",
                  "score_before=false", f"trainer.per_device_train_batch_size={spec['batch']}",
-                 f"trainer.max_length={spec['seq_len']}", f"trainer.max_steps={spec['steps'] + spec['warmup_steps']}",
+                 f"trainer.max_length={spec['seq_len']}", f"trainer.max_steps={_total_steps(spec)}",
                  "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.logging_steps=1",
                  "trainer.report_to=none", *spec.get("overrides", [])]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -119,9 +152,13 @@ def _plain_trainer(spec: dict, callbacks: list):
     from qlora_lab.bench import plain_recipe
 
     trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
-                                 spec["seq_len"], spec["steps"] + spec["warmup_steps"], spec["output_dir"], callbacks)
+                                 spec["seq_len"], _total_steps(spec), spec["output_dir"], callbacks)
     return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none",
                      "dropout_impl": "torch"}
+
+
+def _total_steps(spec: dict) -> int:
+    return spec["warmup_steps"] + spec["steps"] + spec.get("profile_steps", 0)
 
 
 def run(spec: dict) -> dict[str, Any]:
@@ -132,13 +169,17 @@ def run(spec: dict) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()
+    profiler = StepProfiler(spec["warmup_steps"] + spec["steps"], spec["profile_steps"]) \
+        if spec.get("profile_steps") else None
     build = _qlora_lab_trainer if spec["recipe"] == "qlora_lab" else _plain_trainer
-    trainer, info = build(spec, [timer])
+    trainer, info = build(spec, [timer, *([profiler] if profiler else [])])
     result.update(info)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result.update(trainable_params=trainable, matmul_params=_matmul_params(trainer.model.config))
     trainer.train()
-    result.update(timer.measure(spec["warmup_steps"]))
+    result.update(timer.measure(spec["warmup_steps"], spec["steps"]))
+    if profiler:
+        result["profile"] = profiler.top_ops()
     factor = 6 if spec["method"] == "full" else 4  # forward 2N + input-gradient 2N (+ weight-gradient 2N)
     result["flops_per_token"] = factor * result["matmul_params"]
     result["losses"] = timer.losses
