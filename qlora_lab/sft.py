@@ -16,6 +16,8 @@
   linear cross-entropy does the same in Triton kernels; it needs CUDA, this needs nothing.
 - Divergence guard: ``max_nonfinite_steps`` consecutive optimizer steps with a non-finite loss stop the run with
   :class:`Diverged` (the checkpoints written before stay; the run is recorded as failed).
+- Length-grouped batches in an order drawn from (seed, epoch) alone, so that a resumed run skips exactly the batches
+  it trained (:class:`SeededLengthGroupedSampler`).
 - Preemption: SIGTERM / SIGUSR1 set a flag; at the next step boundary the trainer saves a checkpoint and stops, and
   the caller exits with code 143 so SLURM/submitit can requeue it. A second signal exits at once.
 """
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from qlora_lab import adapters
@@ -46,6 +49,28 @@ class Diverged(UserError):
 
 class Preempted(Exception):
     """Training stopped at a step boundary after SIGTERM/SIGUSR1, with a checkpoint saved."""
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped sampler with its order drawn from (seed, epoch) instead of the global RNG.
+
+    transformers 5.24 builds LengthGroupedSampler with ``generator=None`` (Trainer._get_train_sampler), so its order
+    depends on whatever drew from the global RNG before the epoch began: the before-training evaluation's data
+    loader on a fresh run, nothing on a resume, whose skipped batches were then other batches than the ones it had
+    trained. accelerate makes the uniform RandomSampler seedable the same way (SeedableRandomSampler); the
+    Trainer's epoch loop calls ``set_epoch`` through accelerate's DataLoaderShard.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class QloraSFTTrainer(SFTTrainer):
@@ -68,6 +93,13 @@ class QloraSFTTrainer(SFTTrainer):
             want = self._trainable_dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._recompute_dropout is None:  # known once adapters.use_dropout_impl has run (after __init__)
