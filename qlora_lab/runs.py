@@ -20,7 +20,7 @@ class Run:
     """A completed `qlora-lab train` run directory."""
 
     dir: Path
-    cfg: DictConfig  # the run's composed config (.hydra/config.yaml)
+    cfg: DictConfig  # the run's config: config.yaml (written at its first start), else .hydra/config.yaml
     metrics: dict
 
     @property
@@ -38,7 +38,10 @@ def load_run(path: str | Path) -> Run:
     if not run_dir.is_dir():
         raise UserError(f"run={str(path)!r}: no such run directory. Pass the folder a `qlora-lab train` run wrote "
                         "(e.g. run=outputs/2026-11-26/12-00-00).")
-    cfg_file = run_dir / ".hydra" / "config.yaml"
+    # config.yaml: the config the run trained with (train() writes it once). .hydra/config.yaml is the latest
+    # command's, which a refused rerun into the folder also rewrites; runs from before config.yaml existed have only it.
+    cfg_file = next((f for f in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if f.is_file()),
+                    run_dir / ".hydra" / "config.yaml")
     if not cfg_file.is_file():
         raise UserError(f"run={str(path)!r}: {cfg_file} is missing, so this is not a qlora-lab run directory.")
     metrics_file = run_dir / "metrics.json"

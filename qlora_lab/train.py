@@ -5,7 +5,9 @@ shell that returns the objective (held-out eval loss) for sweepers.
 
 Run directory (``cfg.output_dir``, Hydra's runtime output dir by default)::
 
-    .hydra/            resolved config and overrides (written by Hydra)
+    config.yaml        the run's resolved config, written when its training first starts; a resume must match it
+    .hydra/            the latest invocation's config and overrides (written by Hydra)
+    environment.json   package versions, git commit, seed, hardware, allocator
     checkpoints/       trainer checkpoints; rerunning into the same dir resumes from the newest complete one
     adapter/           adapter_model.safetensors, adapter_config.json, tokenizer (written atomically)
     metrics.json       the numbers (written last; "status" says completed or failed)
@@ -46,6 +48,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
+    resume = _last_checkpoint(run_dir / "checkpoints")
+    _check_rerun(cfg, run_dir, resume)  # before anything in the run dir is written
     _log_allocator(cfg.allocator)
     started = time.time()
     _reset_peak_mem()
@@ -77,7 +81,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- before: the base model alone (adapter disabled)
     metrics: dict[str, Any] = {"status": "running"}
-    resume = _last_checkpoint(run_dir / "checkpoints")
     before_eval = None
     if cfg.score_before and metric and resume is None:
         if main_process:  # generation is not collective: rank 0 scores alone
@@ -85,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
             metrics["task_score_before"] = before["score"]
             log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
-        before_eval = EvalBeforeTraining(trainer, cfg.adapter)
+        before_eval = EvalBeforeTraining(trainer, cfg.adapter, metrics)
         trainer.add_callback(before_eval)
     elif resume is not None:
         metrics.update(_previous_metrics(run_dir, ("task_score_before", "eval_loss_before")))
@@ -93,6 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- train (resuming from the newest complete checkpoint in this run dir, if any)
     if resume:
         log.info("Resuming from %s", resume)
+    if main_process and (resume is None or not (run_dir / RUN_CONFIG).is_file()):
+        write_text_atomic(run_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     tokens_at_start = _tokens_seen(resume)
     guard = GuardCallback(trainer)
     trainer.add_callback(guard)
@@ -115,8 +120,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                          "last_checkpoint": checkpoint})
         raise Preempted(f"stopped by {guard.preempted_by} at step {trainer.state.global_step}; checkpoint {checkpoint}. "
                         "Rerun the same command (same hydra.run.dir) to resume.")
-    if before_eval is not None:
-        metrics["eval_loss_before"] = before_eval.loss
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
 
@@ -271,12 +274,13 @@ class EvalBeforeTraining(TrainerCallback):
     model is already wrapped, as for the Trainer's own eval_on_start.
     """
 
-    def __init__(self, trainer, adapter_cfg: DictConfig):
-        self.trainer, self.adapter_cfg, self.loss = trainer, adapter_cfg, None
+    def __init__(self, trainer, adapter_cfg: DictConfig, metrics: dict[str, Any]):
+        self.trainer, self.adapter_cfg, self.metrics = trainer, adapter_cfg, metrics
 
     def on_train_begin(self, args, state, control, **kwargs):
         with adapters.base_model_only(self.adapter_cfg, self.trainer.model):
-            self.loss = self.trainer.evaluate(metric_key_prefix="before")["before_loss"]
+            # into the run's metrics at once, so that a preempted or failed run's metrics.json keeps it too
+            self.metrics["eval_loss_before"] = self.trainer.evaluate(metric_key_prefix="before")["before_loss"]
 
 
 def loss_impl(cfg: DictConfig, model_config) -> str:
@@ -362,6 +366,55 @@ def _tokens_seen(checkpoint: str | None) -> int:
         return 0
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     return int(state.get("num_input_tokens_seen", 0))
+
+
+RUN_CONFIG = "config.yaml"
+# what a resume may change: where the run lives, how long it trains, how often it logs and saves, process settings
+RESUME_MAY_CHANGE = ("output_dir", "allocator", "fail_fast", "max_nonfinite_steps", "score_before",
+                     "trainer.max_steps", "trainer.num_train_epochs", "trainer.logging_steps", "trainer.save_steps",
+                     "trainer.save_total_limit", "trainer.eval_steps", "trainer.report_to")
+
+
+def _check_rerun(cfg: DictConfig, run_dir: Path, resume: str | None) -> None:
+    """Refuse to train a completed run again (unless asked to train it longer), or to resume a run with other
+    settings than it started with."""
+    done = _previous_metrics(run_dir, ("status", "global_step"))
+    if done.get("status") == "completed" and not _trains_longer(cfg.trainer, resume, done.get("global_step", 0)):
+        raise UserError(f"{run_dir} holds a completed run ({done.get('global_step')} steps; metrics.json); its "
+                        "results are untouched. Train into a new folder (another hydra.run.dir), train this one "
+                        "longer (a higher trainer.max_steps or trainer.num_train_epochs), or use it: "
+                        f"qlora-lab merge run={run_dir} / qlora-lab chat run={run_dir}.")
+    first_file = run_dir / RUN_CONFIG
+    if resume is None or not first_file.is_file():
+        return
+    first = _flat(OmegaConf.to_container(OmegaConf.load(first_file)))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [f"{key}: {first.get(key, '(unset)')!r} at the start, {now.get(key, '(unset)')!r} now"
+               for key in sorted(first.keys() | now.keys())
+               if first.get(key) != now.get(key) and not key.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise UserError(f"{run_dir} is a run started with other settings, and a resume from "
+                        f"{Path(resume).name} must keep them:\n  " + "\n  ".join(changed) +
+                        f"\nFix: rerun with the settings in {first_file}, or train into a new folder (another "
+                        "hydra.run.dir). The run's checkpoints and results are untouched.")
+
+
+def _trains_longer(trainer_cfg: DictConfig, checkpoint: str | None, steps_done: int) -> bool:
+    """Whether the trainer settings ask a completed run of ``steps_done`` steps for more (never without a
+    checkpoint to go on from)."""
+    if checkpoint is None:
+        return False
+    if trainer_cfg.max_steps > 0:
+        return trainer_cfg.max_steps > steps_done
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return trainer_cfg.num_train_epochs > (state.get("epoch") or 0) + 1e-6
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} for a nested dict."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -514,8 +567,11 @@ def _record_failed_job(cfg: DictConfig, error: Exception) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     log.error("Job failed: %s: %s", type(error).__name__, error)
-    write_json_atomic(Path(cfg.output_dir) / "metrics.json",
-                      {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+    path = Path(cfg.output_dir) / "metrics.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier.get("status") != "completed":  # a refused rerun of a completed job leaves its results alone
+        # what train() recorded (global_step, last checkpoint, the "before" scores) stays, with the error
+        write_json_atomic(path, {**earlier, "status": "failed", "error": f"{type(error).__name__}: {error}"})
     if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
         raise error
     return float("nan")

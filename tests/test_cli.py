@@ -87,13 +87,15 @@ def test_bad_overrides(tmp_path, override, needles):
     assert_clean_failure(run_cli("train", override, f"hydra.run.dir={tmp_path}/run"), *needles, code=1)
 
 
-def test_a_failed_rerun_keeps_the_earlier_results(tmp_path):
+@pytest.mark.parametrize("earlier, needle", [("completed", "holds a completed run"), ("preempted", "malformed")])
+def test_a_failed_rerun_keeps_the_earlier_results(tmp_path, earlier, needle):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text('{"status": "completed"}')
+    (run / "metrics.json").write_text(f'{{"status": "{earlier}", "global_step": 7}}')
     assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}",
-                                 f"hydra.run.dir={run}"), "malformed")
-    assert json.loads((run / "metrics.json").read_text()) == {"status": "completed"}
+                                 f"hydra.run.dir={run}"), needle)
+    assert json.loads((run / "metrics.json").read_text()) == {"status": earlier, "global_step": 7}
+    assert not (run / "environment.json").exists() or earlier != "completed"
 
 
 def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):

@@ -70,9 +70,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(QloraSFTTrainer, "compute_loss", nan_after_step_2)
     with pytest.raises(Diverged, match="not finite for 2 consecutive steps"):
-        train_mod.train(compose_train([*RUN, "trainer.max_steps=8", "max_nonfinite_steps=2"], tmp_path))
+        train_mod.train(compose_train([*RUN, "trainer.max_steps=8", "max_nonfinite_steps=2", "score_before=true",
+                                       "data.task_eval_samples=2"], tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["last_checkpoint"].endswith("checkpoint-2")
+    assert metrics["eval_loss_before"] > 0 and "task_score_before" in metrics  # the "before" numbers are kept
     assert (tmp_path / "checkpoints/checkpoint-2/trainer_state.json").is_file()
     assert not (tmp_path / "adapter").exists()
 

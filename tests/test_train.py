@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from qlora_lab import train as train_mod
 from tests.conftest import TINY, compose_train
@@ -90,6 +91,26 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tmp_path):
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert steps == [1, 2, 3, 4]  # steps 1-2 from the first run, 3-4 from the resumed one: none repeated
     assert second["task_score_before"] == first["task_score_before"]  # carried over, not recomputed
+
+
+def test_a_completed_run_is_not_trained_again_and_a_resume_keeps_its_settings(tmp_path):
+    from qlora_lab.errors import UserError
+
+    run = [*TINY, "trainer.max_steps=2", "trainer.save_steps=1", "score_before=false", "data.task_eval_samples=0"]
+    train_mod.train(compose_train(run, tmp_path))
+    first = OmegaConf.load(tmp_path / "config.yaml")  # the config it trained with, resolved
+    assert first.adapter.r == 16 and first.output_dir == str(tmp_path)
+    written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    with pytest.raises(UserError, match="holds a completed run .2 steps"):  # the same command again
+        train_mod.train(compose_train(run, tmp_path))
+    with pytest.raises(UserError, match=r"adapter.r: 16 at the start, 8 now(.|\n)*Fix: rerun with the settings in"):
+        train_mod.train(compose_train([*run, "trainer.max_steps=3", "adapter.r=8"], tmp_path))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == written  # nothing touched
+
+    longer = train_mod.train(compose_train([*run, "trainer.max_steps=3"], tmp_path))  # training it longer is fine
+    assert longer["global_step"] == 3 and longer["resumed_from"].endswith("checkpoint-2")
+    assert OmegaConf.load(tmp_path / "config.yaml") == first  # still the first start's
 
 
 def test_plain_lora_without_quantization(tmp_path, captured):
