@@ -44,7 +44,10 @@ def load_splits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
         origin = "the demo task"
     else:
         train_rows, origin = _load_rows(cfg, cfg.path, cfg.split)
-        eval_rows = _load_rows(cfg, cfg.eval_path, cfg.eval_path)[0] if cfg.eval_path else None
+        eval_rows = None
+        if cfg.eval_path:  # a split of the same dataset (hub), or another file
+            hub = cfg.source == "hub"
+            eval_rows = _load_rows(cfg, cfg.path if hub else cfg.eval_path, cfg.eval_path if hub else cfg.split)[0]
         fmt = detect_format(train_rows, cfg.format, origin)
         if eval_rows is not None:
             detect_format(eval_rows, fmt, cfg.eval_path)
@@ -95,7 +98,10 @@ def _load_rows(cfg: DictConfig, path: str, split: str) -> tuple[list[dict[str, A
         try:
             rows = load_dataset(suffix[1:], data_files=str(fp), split="train").to_list()
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types for malformed files
-            raise UserError(f"{fp}: could not read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
+            while (e.__cause__ or e.__context__) is not None:  # datasets wraps the parser's error, which has the row
+                e = e.__cause__ or e.__context__
+            raise UserError(f"{fp}: could not read as {suffix[1:]}: {type(e).__name__}: {str(e).strip()[:300]}. "
+                            "Fix the file (quotes, separators, one row per line) or convert it to .jsonl.") from None
     else:
         raise UserError(f"{fp}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
     if not rows:
@@ -179,6 +185,18 @@ def detect_format(rows: list[dict[str, Any]], fmt: str, origin: str) -> str:
                     "Rename columns with data.columns={old: new} (e.g. data.columns={question:prompt,answer:completion}).")
 
 
+def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
+    """``value`` checked as a non-empty list of {role, content} chat messages."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: {field!r} must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                        f"got {value!r}.")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: {field}[{j}] must be {{\"role\": one of {list(ROLES)}, \"content\": "
+                            f"string}}, got {m!r}.")
+    return value
+
+
 def convert_row(row: dict[str, Any], fmt: str, system: str | None, origin: str, index: int) -> dict[str, Any]:
     """One row in TRL's conversational prompt/completion or text shape."""
     where = f"{origin}, row {index + 1}"
@@ -192,13 +210,7 @@ def convert_row(row: dict[str, Any], fmt: str, system: str | None, origin: str, 
     if fmt == "text":
         return {"text": text("text")}
     if fmt == "messages":
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: messages[{j}] must be {{\"role\": one of {list(ROLES)}, \"content\": "
-                                f"string}}, got {m!r}.")
+        msgs = _messages(row.get("messages"), "messages", where)
         if msgs[-1]["role"] != "assistant":
             raise UserError(f"{where}: the last message must be the assistant's answer (role 'assistant'), "
                             f"got role {msgs[-1]['role']!r}.")
@@ -210,9 +222,17 @@ def convert_row(row: dict[str, Any], fmt: str, system: str | None, origin: str, 
             user = f"{user}\n\n{extra}"
         prompt = [{"role": "user", "content": user}]
         completion = [{"role": "assistant", "content": text("output")}]
+    elif isinstance(row.get("prompt"), list):  # TRL's conversational prompt/completion: lists of messages
+        prompt = _messages(row["prompt"], "prompt", where)
+        completion = _messages(row.get("completion"), "completion", where)
+        if [m["role"] for m in completion] != ["assistant"]:
+            raise UserError(f"{where}: 'completion' must be one assistant message, got roles "
+                            f"{[m['role'] for m in completion]}.")
     else:  # prompt_completion
         prompt = [{"role": "user", "content": text("prompt")}]
         completion = [{"role": "assistant", "content": text("completion")}]
+    if not prompt or all(m["role"] == "system" for m in prompt):
+        raise UserError(f"{where}: nothing to answer: add the user's message before the assistant's answer.")
     if system and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system}, *prompt]
     return {"prompt": prompt, "completion": completion}

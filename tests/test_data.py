@@ -84,15 +84,39 @@ def test_forced_format_with_missing_columns():
     ({"prompt": "q", "completion": 3}, "field 'completion' must be a non-empty string"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "last message must be the assistant"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "nothing to answer"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]}, "nothing to answer"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, "'completion' must be a non-empty list"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     "'completion' must be one assistant message"),
 ])
-def test_bad_rows_name_row_and_field(tmp_path, row, needle):
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_bad_rows_name_row_and_field(tmp_path, row, needle, system):
     path = tmp_path / "d.jsonl"
     good = {"prompt": "q", "completion": "a"} if "prompt" in row else {
         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(UserError) as e:
-        load(path)
+        load(path, *([f"data.system_prompt={system}"] if system else []))
     assert needle in str(e.value) and "row 2" in str(e.value)
+
+
+def test_trl_conversational_prompt_completion_rows(tmp_path):
+    path = tmp_path / "conv.jsonl"
+    row = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+           "completion": [{"role": "assistant", "content": "a"}]}
+    path.write_text("\n".join(json.dumps(row) for _ in range(4)) + "\n")
+    train, _ = load(path, "data.system_prompt=ignored: the row has its own")
+    assert train[0] == row
+
+
+def test_hub_eval_path_is_a_split_of_the_same_dataset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(data, "_load_hub", lambda cfg, path, split: calls.append((path, split)) or
+                        [{"prompt": f"q{i}", "completion": "a"} for i in range(3)])
+    cfg = compose_train(["data=hub", "data.path=org/ds", "data.eval_path=test"])
+    train, evals = data.load_splits(cfg.data)
+    assert calls == [("org/ds", "train"), ("org/ds", "test")] and (len(train), len(evals)) == (3, 3)
 
 
 def test_empty_file_is_refused(tmp_path):
@@ -127,3 +151,9 @@ def test_demo_splits_through_the_loader():
 ])
 def test_json_match(answer, ok):
     assert task.score_answer("json_match", answer, '{"name": "Ana", "age": 30}') is ok
+
+
+def test_malformed_csv_names_the_parser_error_and_row(tmp_path):
+    (tmp_path / "bad.csv").write_text('prompt,completion\nq,a\nq,"unclosed\n')
+    with pytest.raises(UserError, match=r"bad.csv: could not read as csv: ParserError: .*row 2.*Fix the file"):
+        load(tmp_path / "bad.csv")
