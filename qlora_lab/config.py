@@ -264,7 +264,9 @@ class TrainRunConfig:
     #                 to "native" for prompt/p-tuning and for models that rescale their logits),
     #   "native"    — the model's own cross-entropy over the full logits,
     #   "fused"     — TRL's fused LM head, which also logs entropy and token accuracy (slow without Triton),
-    #   "auto"      — selective where it applies, else native.
+    #   "auto"      — selective where it applies, else native; "fused" (TRL's compute_loss, the only path that
+    #                 applies them) with trainer.loss_type other than nll, label smoothing, or an MoE model's router
+    #                 auxiliary loss.
     loss: str = "auto"
     # Decoder-layer kernels (qlora_lab/kernels.py):
     #   "lean"  — PyTorch RMSNorm and SwiGLU computing the same values as transformers' modules but keeping less
@@ -582,12 +584,18 @@ def validate(cfg: DictConfig) -> None:
         tm = a.target_modules
         if not (tm == "all-linear" or (OmegaConf.is_list(tm) and len(tm) > 0)):
             p.append(f"adapter.target_modules={tm!r}: use 'all-linear' or a non-empty list such as [q_proj,v_proj].")
+        elif OmegaConf.is_list(tm) and "lm_head" in tm:
+            # TRL 1.16's SFTTrainer raises for an adapter on the output layer (its loss reads lm_head.weight directly)
+            p.append(f"adapter.target_modules={list(tm)}: TRL's SFTTrainer trains no adapter on lm_head. Remove it; to "
+                     "train the output layer itself, add adapter.modules_to_save=[lm_head].")
     if a.method in ("prefix", "prompt", "ptuning") and a.num_virtual_tokens < 1:
         p.append(f"adapter.num_virtual_tokens={a.num_virtual_tokens}: must be >= 1 (typical: 8-32).")
-    if a.method == "prefix" and (t.get("activation_checkpointing") or t.gradient_checkpointing):
-        p.append("adapter=prefix with activation (gradient) checkpointing: transformers' checkpointed decoder layers "
+    checkpointing = [f"trainer.{k}" for k in ("activation_checkpointing", "gradient_checkpointing") if t.get(k)]
+    if a.method == "prefix" and checkpointing:
+        p.append(f"adapter=prefix with {' and '.join(checkpointing)}=true: transformers' checkpointed decoder layers "
                  "drop the cache that carries peft's prefix while the attention mask still counts it (size mismatch "
-                 "by num_virtual_tokens). Set trainer.activation_checkpointing=false, or use adapter=prompt.")
+                 f"by num_virtual_tokens). Set {' and '.join(c + '=false' for c in checkpointing)}, or use "
+                 "adapter=prompt.")
     if a.method == "full" and quantized:
         p.append(f"adapter=full with quant.method={q.method}: quantized weights cannot be trained directly. Use "
                  "quant=none for full fine-tuning, or keep the quantization with adapter=lora (QLoRA).")
@@ -643,9 +651,31 @@ def validate(cfg: DictConfig) -> None:
     elif t.padding_free:
         p.append("trainer.padding_free=true: use batching=padding_free instead (it keeps trainer.max_length, which "
                  "TRL's padding_free refuses).")
+    if cfg.loss in ("selective", "native") and (t.loss_type != "nll" or t.label_smoothing_factor):
+        which = f"loss_type={t.loss_type}" if t.loss_type != "nll" else f"label_smoothing_factor={t.label_smoothing_factor}"
+        p.append(f"loss={cfg.loss} with trainer.{which}: only TRL's own loss computes that. Use loss=auto (it picks "
+                 "TRL's loss then) or loss=fused.")
     if t.packing and cfg.batching != "shuffled":
         p.append(f"trainer.packing=true with batching={cfg.batching}: packed sequences are already padding-free; "
                  "set batching=shuffled.")
 
+    _trainer_args_problems(p, t)
     if p:
         raise ConfigError(p)
+
+
+def _trainer_args_problems(p: list[str], t: DictConfig) -> None:
+    """transformers' and TRL's own checks of the trainer settings (e.g. eval/save step multiples), reported with
+    the others before any data or weight is loaded."""
+    import tempfile
+
+    from qlora_lab.errors import UserError
+    from qlora_lab.sft import build_sft_config  # imports this module: here, not at the top
+
+    if (_env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _env_true("ACCELERATE_USE_FSDP")
+            or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no")):
+        return  # their arguments set up DeepSpeed / FSDP state (and need the packages): checked when training starts
+    try:
+        build_sft_config(t, Path(tempfile.gettempdir()) / "qlora-lab-validate")
+    except UserError as e:
+        p.append(str(e))

@@ -33,12 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from qlora_lab import adapters, allocator, data, estimate, kernels, models, report, task
-from qlora_lab.config import CONF_DIR, DEPRECATED_TRAINER_ALIASES, register_configs, validate
+from qlora_lab.config import CONF_DIR, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
 from qlora_lab.files import atomic_dir, write_json_atomic, write_text_atomic
-from qlora_lab.sft import (EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer,
-                           selective_loss_supported)
+from qlora_lab.sft import (EXIT_PREEMPTED, Diverged, GuardCallback, Preempted, QloraSFTTrainer, build_sft_config,
+                           needs_trl_loss, selective_loss_supported)
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,11 @@ class EvalBeforeTraining(TrainerCallback):
 
 def loss_impl(cfg: DictConfig, model_config) -> str:
     """The loss path for ``cfg.loss`` on this model (see TrainRunConfig.loss)."""
+    trl_only = needs_trl_loss(cfg.trainer, model_config)
+    if trl_only and cfg.loss != "fused":
+        if cfg.loss != "auto":
+            log.warning("loss=%s does not compute %s: using TRL's loss (loss=fused)", cfg.loss, trl_only)
+        return "fused"
     if cfg.loss in ("auto", "selective"):
         why_not = selective_loss_supported(model_config, cfg.adapter.method)
         if why_not is None:
@@ -311,28 +316,6 @@ def _setup_tracking(args, run_dir: Path) -> None:
             # MLflow 3 refuses its file store unless allowed; it needs no server or database, so it is the offline
             # default here. Point MLFLOW_TRACKING_URI at sqlite:///... or a server to use those instead.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-
-
-def build_sft_config(trainer_cfg: DictConfig, output_dir: Path):
-    """TRL's SFTConfig from the ``trainer`` group, with the fields qlora_lab owns filled in."""
-    from trl import SFTConfig
-
-    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
-    for old, new in DEPRECATED_TRAINER_ALIASES.items():
-        # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*: where the new name
-        # exists, the old one fills it only when it is unset (transformers' own rule, minus its FutureWarning).
-        if new in kwargs:
-            value = kwargs.pop(old)
-            if kwargs[new] is None and value is not None:
-                kwargs[new] = value
-    if not torch.cuda.is_available():
-        kwargs["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is CPU
-    if kwargs.get("bf16") is None and not kwargs.get("fp16"):
-        kwargs["bf16"] = models.bf16_supported()
-    try:
-        return SFTConfig(output_dir=str(output_dir), **kwargs)
-    except ValueError as e:
-        raise UserError(f"invalid trainer settings: {e}") from None
 
 
 def _task_metric(data_cfg: DictConfig, eval_ds) -> str | None:

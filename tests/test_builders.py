@@ -67,3 +67,45 @@ def test_other_adapter_fields_reach_peft(overrides, expected):
 
 def test_full_fine_tuning_has_no_peft_config():
     assert adapter("adapter=full", "quant=none") is None
+
+
+def test_loss_auto_takes_trls_loss_where_only_it_computes_the_configured_loss():
+    from transformers import LlamaConfig, MixtralConfig
+
+    from qlora_lab.config import ConfigError, validate
+    from qlora_lab.train import loss_impl
+
+    llama = LlamaConfig(num_hidden_layers=1)
+    assert loss_impl(compose_train([]), llama) == "selective"
+    for extra in (["trainer.loss_type=dft"], ["trainer.label_smoothing_factor=0.1"]):
+        assert loss_impl(compose_train(extra), llama) == "fused"
+    assert loss_impl(compose_train([]), MixtralConfig(num_hidden_layers=1)) == "fused"  # its router aux loss
+    with pytest.raises(ConfigError, match="loss=native with trainer.loss_type=dft: only TRL's own loss"):
+        validate(compose_train(["loss=native", "trainer.loss_type=dft"]))
+    with pytest.raises(ConfigError, match="loss=selective with trainer.label_smoothing_factor=0.1"):
+        validate(compose_train(["loss=selective", "trainer.label_smoothing_factor=0.1"]))
+
+
+@pytest.mark.parametrize("value, on", [("null", False), ("false", False), ("true", True)])
+def test_gradient_checkpointing_unset_means_off_not_trls_default(tmp_path, value, on):
+    from qlora_lab.train import build_sft_config
+
+    args = build_sft_config(compose_train([f"trainer.gradient_checkpointing={value}"]).trainer, tmp_path)
+    assert args.activation_checkpointing is on
+
+
+def test_an_adapter_on_the_output_layer_is_refused_with_the_alternative():
+    from qlora_lab.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"TRL's SFTTrainer trains no adapter on lm_head.*modules_to_save=\[lm_head\]"):
+        validate(compose_train(["adapter.target_modules=[q_proj,lm_head]"]))
+
+
+def test_trainer_settings_transformers_refuses_are_reported_with_the_rest_before_loading():
+    from qlora_lab.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_train(["adapter.r=0", "trainer.load_best_model_at_end=true", "trainer.eval_strategy=steps",
+                                "trainer.eval_steps=3", "trainer.save_steps=2"]))
+    assert "2 problem(s)" in str(e.value) and "adapter.r=0" in str(e.value)
+    assert "trainer.load_best_model_at_end requires the saving steps to be a round multiple" in str(e.value)
