@@ -242,8 +242,9 @@ class TrainRunConfig:
     output_dir: str = MISSING
     # Score the held-out task before training too (the "before" in before → after).
     score_before: bool = True
-    # Stop the run (status failed, earlier checkpoints kept) after this many consecutive steps with a non-finite
-    # loss; 0 disables the check.
+    # A step with non-finite gradients is always skipped (weights unchanged; counted in metrics.json
+    # "skipped_updates"). Stop the run (status failed, earlier checkpoints kept) after this many consecutive such
+    # steps; 0 never stops.
     max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False

@@ -14,8 +14,9 @@
   hook runs inside the model's own forward, so DDP/FSDP wrappers see an ordinary call. Same value and gradients as
   the model's own loss (same sum over the same label tokens divided by ``num_items_in_batch``). Liger's fused
   linear cross-entropy does the same in Triton kernels; it needs CUDA, this needs nothing.
-- Divergence guard: ``max_nonfinite_steps`` consecutive optimizer steps with a non-finite loss stop the run with
-  :class:`Diverged` (the checkpoints written before stay; the run is recorded as failed).
+- Divergence guard: an optimizer step whose gradients are not finite is skipped (the weights stay as they were);
+  ``max_nonfinite_steps`` consecutive such steps stop the run with :class:`Diverged` (the checkpoints written
+  before stay, and hold finite weights; the run is recorded as failed).
 - Length-grouped batches in an order drawn from (seed, epoch) alone, so that a resumed run skips exactly the batches
   it trained (:class:`SeededLengthGroupedSampler`).
 - Preemption: SIGTERM / SIGUSR1 set a flag; at the next step boundary the trainer saves a checkpoint and stops, and
@@ -85,6 +86,7 @@ class QloraSFTTrainer(SFTTrainer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_steps = 0
         self._step_loss_finite = True
+        self.skipped_updates = 0  # optimizer steps skipped for non-finite gradients
         self._recompute_dropout = None
         # TRL keeps QLoRA adapters in bf16; remember each trainable tensor's dtype so a resume keeps it
         self._trainable_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
@@ -154,6 +156,21 @@ class QloraSFTTrainer(SFTTrainer):
         if not torch.isfinite(loss.detach()).all():
             self._step_loss_finite = False
         return loss
+
+    def drop_nonfinite_update(self) -> None:
+        """Before each optimizer step: with a non-finite gradient anywhere, skip the update (the optimizer skips
+        parameters without a gradient), so that one bad batch cannot turn every weight into NaN for good — which
+        AdamW would do, and the checkpoints after it would keep. One total norm, so one device sync per step; under
+        DDP the gradients are all-reduced first, so every rank decides alike."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_updates += 1
+        self._step_loss_finite = False
+        log.warning("step %d: non-finite gradients; this update is skipped (%d so far)", self.state.global_step + 1,
+                    self.skipped_updates)
 
     def check_step(self) -> None:
         """Called at each optimizer-step end (by :class:`GuardCallback`)."""
@@ -269,6 +286,9 @@ class GuardCallback(TrainerCallback):
         self.preempted_by = name
         log.warning("%s received: saving a checkpoint at the end of this step, then exiting (send it again to exit "
                     "at once)", name)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.drop_nonfinite_update()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.check_step()

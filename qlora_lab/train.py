@@ -152,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total_runtime_s=round(time.time() - started, 2),
         global_step=trainer.state.global_step,
         resumed_from=resume,
+        skipped_updates=trainer.skipped_updates,  # optimizer steps skipped for non-finite gradients
         train_tokens=tokens,
         tokens_per_s=round(tokens / runtime, 2) if runtime > 0 else None,
         peak_mem_mb=_peak_mem_mb(),

@@ -79,6 +79,23 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "adapter").exists()
 
 
+def test_a_non_finite_step_is_skipped_and_the_weights_stay_finite(tmp_path, monkeypatch):
+    real_loss = QloraSFTTrainer.compute_loss
+
+    def nan_at_step_2(self, *args, **kwargs):
+        loss = real_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(QloraSFTTrainer, "compute_loss", nan_at_step_2)
+    metrics = train_mod.train(compose_train(RUN, tmp_path))  # 4 steps, one of them NaN: the run goes on
+    assert metrics["status"] == "completed" and metrics["skipped_updates"] == 1
+    for name, tensor in load_file(tmp_path / "adapter/adapter_model.safetensors").items():
+        assert torch.isfinite(tensor).all(), name  # without the skip, AdamW turns every weight into NaN for good
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        for name, tensor in load_file(tmp_path / "checkpoints" / ckpt / "adapter_model.safetensors").items():
+            assert torch.isfinite(tensor).all(), (ckpt, name)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     run = tmp_path / "run"
     common = [sys.executable, "-m", "qlora_lab", "train",
