@@ -69,7 +69,7 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
 
     if adapter == "full":
         trainable_params = n["total"]
-        per_param = model_bytes * 4  # parameter, gradient, AdamW exp_avg and exp_avg_sq in the model dtype
+        per_param = model_bytes * 3  # gradient, AdamW exp_avg and exp_avg_sq in the model dtype (the weight: above)
     elif adapter == "lora":
         trainable_params = sum(r * (fan_in + fan_out) for fan_in, fan_out in n["linear_shapes"])
         # TRL keeps adapters on a 4-bit base in bf16; on a bf16 base peft keeps them in float32

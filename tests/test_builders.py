@@ -109,3 +109,19 @@ def test_trainer_settings_transformers_refuses_are_reported_with_the_rest_before
                                 "trainer.eval_steps=3", "trainer.save_steps=2"]))
     assert "2 problem(s)" in str(e.value) and "adapter.r=0" in str(e.value)
     assert "trainer.load_best_model_at_end requires the saving steps to be a round multiple" in str(e.value)
+
+
+def test_estimate_counts_each_parameter_state_once():
+    from transformers import LlamaConfig
+
+    from qlora_lab.estimate import count_params, estimate
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000)
+    total = count_params(config)["total"]
+    full = estimate(config, quant="none", adapter="full")
+    # bf16 full fine-tuning: the weight (2 bytes) + gradient, AdamW exp_avg and exp_avg_sq (2 bytes each)
+    assert (full["weights_bytes"], full["trainable_bytes"]) == (2 * total, 6 * total)
+    lora = estimate(config, quant="nf4", adapter="lora")
+    # LoRA on a 4-bit base: bf16 adapter, gradient and two AdamW states, 2 bytes each
+    assert lora["trainable_bytes"] == 8 * lora["trainable_params"] and lora["weights_bytes"] < 2 * total
