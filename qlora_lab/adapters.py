@@ -77,7 +77,7 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
     if not weights.is_file():
         raise UserError(f"adapter.init=loftq needs the base's full-precision weights as one local safetensors file; "
                         f"{weights} does not exist (sharded or hub checkpoints: download and merge the shards, or "
-                        "use adapter.init=default / olora).")
+                        "use adapter.init=default).")
     log.info("LoftQ: initialising LoRA from the quantization error of every adapted layer (%d iteration(s))",
              cfg.loftq_iter)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 # command -> module whose `main` is the command's @hydra.main shell
 COMMANDS = {
@@ -40,8 +42,24 @@ def main(argv: list[str] | None = None) -> None:
         from qlora_lab.distributed import shared_run_dir
 
         rest = shared_run_dir(rest)  # torchrun / accelerate: all ranks in one run dir
+    _check_run_dir(rest)
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
     module.main()
+
+
+def _check_run_dir(overrides: list[str]) -> None:
+    """A hydra.run.dir that cannot be created gets one clear line: Hydra creates it before any command code runs,
+    and its own error is a traceback."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    if not given or any(o in ("-m", "--multirun") for o in overrides):
+        return
+    try:  # created here as Hydra would a moment later (permission checks alone are wrong for root)
+        Path(given[-1]).expanduser().mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=Path(given[-1]).expanduser()).close()
+    except OSError as e:
+        print(f"error: hydra.run.dir={given[-1]!r} cannot be created or written ({e.strerror}). Fix: choose another "
+              "folder with hydra.run.dir=...", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

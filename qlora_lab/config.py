@@ -98,7 +98,7 @@ class AdapterConfig:
     # Weight-decomposed LoRA (DoRA): trains a magnitude vector besides the low-rank direction.
     use_dora: bool = False
     # LoRA initialisation: "default" (B = 0), "gaussian", "pissa" / "pissa_niter_4" (principal singular vectors;
-    # moves them out of the base, needs quant=none), "olora" (QR-based; works on 4-bit), "loftq" (LoRA initialised
+    # moves them out of the base, needs quant=none), "olora" (QR-based; needs quant=none, as pissa), "loftq" (LoRA initialised
     # to cancel the 4-bit quantization error; needs a 4-bit quant and the base's safetensors).
     init: str = "default"
     # LoftQ alternating steps (init=loftq).
@@ -282,7 +282,8 @@ class TrainRunConfig:
     kernels: str = "auto"
     # The C allocator of the training process (qlora_lab/allocator.py): "mimalloc", "jemalloc", "system" (the C
     # library's malloc), or "auto" = mimalloc on Linux without a GPU driver, else system. On CPU, glibc's malloc
-    # keeps freed activation memory fragmented: mimalloc measured -0.4 GiB peak RSS and +12% tokens/s. Applied when
+    # keeps freed activation memory fragmented: mimalloc measured -0.4 to -0.65 GiB peak RSS
+    # (benchmarks/results/levers-allocator-*, mimalloc-purge-*). Applied when
     # `qlora-lab train` starts, from its command line (it re-executes itself once with LD_PRELOAD; auto leaves an
     # allocator you preloaded yourself); train() called from Python, a value set in a config file, and
     # submitit/SLURM jobs keep the process's own allocator (train logs which).
@@ -342,7 +343,7 @@ class MergeRunConfig:
     out: Optional[str] = None
     # Base weights the adapter is merged into: "original" (the checkpoint's own weights), "nf4_roundtrip" (the
     # base quantized and dequantized exactly as in training — what the adapter actually saw), or "auto"
-    # (nf4_roundtrip for 4-bit runs, original otherwise; see README for the measured difference).
+    # (nf4_roundtrip for 4-bit runs, original otherwise; README "Merge" shows how to compare them on a run).
     base: str = "auto"
     # dtype of the saved weights: "bfloat16", "float16" or "float32". The merge itself runs in float32.
     dtype: str = "bfloat16"

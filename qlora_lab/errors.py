@@ -38,10 +38,16 @@ def exit_on_user_error(fn: F) -> F:
     re-raised so that the sweep can record the job as failed instead of the whole process exiting.
     """
 
+    from omegaconf.errors import MissingMandatoryValue
+
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except MissingMandatoryValue as e:  # a required field (`???` in the schema) left unset
+                raise UserError(f"{e.full_key} is required: add {e.full_key}=... to the command (its meaning: "
+                                "--help).") from None
         except UserError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or in_multirun():
                 raise

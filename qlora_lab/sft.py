@@ -210,6 +210,7 @@ def build_sft_config(trainer_cfg: DictConfig, output_dir: Path):
         kwargs["activation_checkpointing"] = False
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is CPU
+        kwargs["dataloader_pin_memory"] = False  # nothing to copy to: pinning only warns
     if kwargs.get("bf16") is None and not kwargs.get("fp16"):
         kwargs["bf16"] = models.bf16_supported()
     try:

@@ -100,6 +100,7 @@ def test_a_failed_rerun_keeps_the_earlier_results(tmp_path, earlier, needle):
 
 def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     assert_clean_failure(run_cli("merge", f"run={tmp_path}/nope"), "no such run directory")
+    assert_clean_failure(run_cli("merge"), "run is required: add run=... to the command")
     assert_clean_failure(run_cli("chat", f"run={tmp_path}/nope", "prompt=hi"), "neither a run directory")
     assert not (tmp_path / "nope").exists()
 
@@ -109,13 +110,14 @@ def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     ("txt", ["data=file"], ["unsupported file type '.txt'"]),
     ("nocfg", [], ["without config.json"]),
     ("readonly", [], ["is not writable"]),
+    ("readonly_run_dir", [], ["hydra.run.dir='/proc/qlora-lab-test-run' cannot be created or written"]),
     (None, ["trainer.lr_scheduler_type=sideways"], ["invalid trainer settings", "sideways"]),
     (None, ["trainer.max_length=8", "data.max_train_samples=8"], ["no training example has a trainable token"]),
     (None, ["adapter=full"], ["adapter=full with quant.method=nf4"]),
     (None, ["trainer.fp16=true", "trainer.bf16=true"], ["choose one"]),
 ])
 def test_more_bad_inputs(tmp_path, setup, args, needles):
-    run = tmp_path / "run"
+    run = "/proc/qlora-lab-test-run" if setup == "readonly_run_dir" else tmp_path / "run"  # Hydra would mkdir it
     extra = list(args)
     if setup == "json":
         (tmp_path / "d.json").write_text('[{"prompt": "a", "completion": "b"},\n {"prompt": }]')
