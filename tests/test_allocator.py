@@ -57,6 +57,7 @@ def test_preload_env_starts_a_process_with_the_allocator_and_system_clears_it():
 
 
 @needs_mimalloc
+@pytest.mark.integration  # CLI processes
 def test_the_cli_reexecutes_its_command_line_once_and_hands_children_the_callers_environment():
     """exec_with replaces the process (same pid) by the same command line with the allocator; the re-executed process
     gets the caller's environment back (no preload for the processes it starts) and never re-executes again."""

@@ -43,6 +43,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
+@pytest.mark.integration  # a CLI process
 def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(tmp_path):
     import torch
 
@@ -55,6 +56,7 @@ def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(tmp_path):
     assert {r["status"] for r in rows} == {"skipped"} and "GPU" in rows[0]["note"]
 
 
+@pytest.mark.integration  # a CLI process
 def test_bad_bench_settings_are_reported_together(tmp_path):
     proc = run_cli("bench", "bench.methods=[qlorra]", "bench.seq_lens=[]", "bench.steps=0",
                    f"hydra.run.dir={tmp_path}")

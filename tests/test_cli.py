@@ -52,6 +52,7 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     assert json.loads((run / "environment.json").read_text())["allocator"] == allocator.resolve("auto")
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("args, needles", [
     (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model'", "no such folder"]),
     (["model.name_or_path=no-such-org/no-such-model"], ["could not load model.name_or_path='no-such-org/no-such-model'",
@@ -67,6 +68,7 @@ def test_config_errors(tmp_path, args, needles):
     assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("file, needles", [
     ("malformed.jsonl", ["malformed.jsonl:3: malformed JSON"]),
     ("wrong_columns.jsonl", ["cannot tell the data format", "['answer', 'question']", "data.columns"]),
@@ -78,6 +80,7 @@ def test_data_errors(tmp_path, file, needles):
     assert not (run / "metrics.json").exists()
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("override, needles", [
     ("trainer.max_steps=abc", ["trainer.max_steps=abc", "could not be converted to Integer"]),
     ("trainer.learning_rte=1e-4", ["learning_rte"]),
@@ -87,6 +90,7 @@ def test_bad_overrides(tmp_path, override, needles):
     assert_clean_failure(run_cli("train", override, f"hydra.run.dir={tmp_path}/run"), *needles, code=1)
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("earlier, needle", [("completed", "holds a completed run"), ("preempted", "malformed")])
 def test_a_failed_rerun_keeps_the_earlier_results(tmp_path, earlier, needle):
     run = tmp_path / "run"
@@ -98,6 +102,7 @@ def test_a_failed_rerun_keeps_the_earlier_results(tmp_path, earlier, needle):
     assert not (run / "environment.json").exists() or earlier != "completed"
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     assert_clean_failure(run_cli("merge", f"run={tmp_path}/nope"), "no such run directory")
     assert_clean_failure(run_cli("merge"), "run is required: add run=... to the command")
@@ -105,6 +110,7 @@ def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("setup, args, needles", [
     ("json", ["data=file"], ["malformed JSON"]),
     ("txt", ["data=file"], ["unsupported file type '.txt'"]),
