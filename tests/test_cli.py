@@ -33,8 +33,16 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str, code:
 
 
 def test_usage_and_unknown_command():
-    assert run_cli("--help").returncode == 0
+    usage = run_cli("--help")
+    assert usage.returncode == 0 and all(f"  {c} " in usage.stdout for c in ("train", "merge", "chat", "bench", "report"))
     assert_clean_failure(run_cli("trian"), "unknown command 'trian'")
+
+
+@pytest.mark.integration  # CLI processes
+@pytest.mark.parametrize("command, field", [("merge", "check_prompts: 4"), ("chat", "max_new_tokens")])
+def test_merge_and_chat_help_show_their_own_fields_only(command, field):
+    out = run_cli(command, "--help").stdout
+    assert f"qlora-lab {command} run=" in out and field in out and "adapter:" not in out and "trainer" not in out
 
 
 @pytest.mark.integration
