@@ -1,4 +1,4 @@
-"""Reports: a run's loss curve, and the sweep report at a multirun root.
+"""Reports: a run's report.md and loss curve, and the sweep report at a multirun root.
 
 `qlora-lab report <sweep dir>` (also written automatically when a multirun ends, by :class:`SweepReportCallback`)
 reads every job directory's overrides, status and metrics and writes, at the sweep root:
@@ -36,6 +36,43 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def run_report(cfg, m: dict[str, Any]) -> str:
+    """A run's report.md: what was trained, before → after on the held-out data, time and memory."""
+    before, after = m.get("task_score_before"), m.get("task_score_after")
+    lines = [
+        "# qlora_lab run report",
+        "",
+        f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
+        f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
+        + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
+        f"- trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
+        f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
+        f"- steps: {m['global_step']} · train rows: {m['train_rows']} · held-out rows: {m['eval_rows']}"
+        + (f" · resumed from `{m['resumed_from']}`" if m.get("resumed_from") else ""),
+        "",
+        "| measure | before | after |",
+        "|---|---|---|",
+        f"| held-out task score ({m['task_metric']}, n={m['task_eval_samples']}) | {_fmt(before, 3)} | {_fmt(after, 3)} |",
+        f"| held-out eval loss | {_fmt(m.get('eval_loss_before'))} | {_fmt(m['eval_loss'])} |",
+        "",
+        f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
+        f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}",
+        f"- peak memory: {m['peak_mem_mb']:.0f} MiB ({'CUDA allocated' if m['device'] == 'cuda' else 'process RSS'})",
+    ]
+    if m.get("skipped_updates"):
+        lines.append(f"- {m['skipped_updates']} optimizer step(s) skipped for non-finite gradients")
+    if m.get("examples"):
+        lines += ["", "## Held-out examples (after training)", ""]
+        for ex in m["examples"]:
+            lines += [f"- prompt: {ex['prompt'][-160:]!r}", f"  - answer: `{ex['answer']}` "
+                      f"({'correct' if ex['ok'] else 'expected `' + ex['reference'] + '`'})"]
+    return "\n".join(lines) + "\n"
 
 
 def loss_curve_png(log_history: list[dict], path: Path, title: str = "") -> None:

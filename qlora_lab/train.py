@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         examples=after["examples"] if after else [],
     )
     write_json_atomic(run_dir / "metrics.json", metrics)
-    write_text_atomic(run_dir / "report.md", render_report(cfg, metrics))
+    write_text_atomic(run_dir / "report.md", report.run_report(cfg, metrics))
     log.info("Run complete: %s", run_dir)
     return metrics
 
@@ -481,40 +481,6 @@ def _check_writable(run_dir: Path) -> None:
     except OSError as e:
         raise UserError(f"output_dir={str(run_dir)!r} is not writable ({e.strerror}). Fix: choose another folder "
                         "with hydra.run.dir=...") from None
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def render_report(cfg: DictConfig, m: dict[str, Any]) -> str:
-    before, after = m.get("task_score_before"), m.get("task_score_after")
-    lines = [
-        "# qlora_lab run report",
-        "",
-        f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
-        f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
-        + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
-        f"- trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
-        f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
-        f"- steps: {m['global_step']} · train rows: {m['train_rows']} · held-out rows: {m['eval_rows']}"
-        + (f" · resumed from `{m['resumed_from']}`" if m.get("resumed_from") else ""),
-        "",
-        "| measure | before | after |",
-        "|---|---|---|",
-        f"| held-out task score ({m['task_metric']}, n={m['task_eval_samples']}) | {_fmt(before, 3)} | {_fmt(after, 3)} |",
-        f"| held-out eval loss | {_fmt(m.get('eval_loss_before'))} | {_fmt(m['eval_loss'])} |",
-        "",
-        f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
-        f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}",
-        f"- peak memory: {m['peak_mem_mb']:.0f} MiB ({'CUDA allocated' if m['device'] == 'cuda' else 'process RSS'})",
-    ]
-    if m.get("examples"):
-        lines += ["", "## Held-out examples (after training)", ""]
-        for ex in m["examples"]:
-            lines += [f"- prompt: {ex['prompt'][-160:]!r}", f"  - answer: `{ex['answer']}` "
-                      f"({'correct' if ex['ok'] else 'expected `' + ex['reference'] + '`'})"]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------------
