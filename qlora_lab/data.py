@@ -65,6 +65,8 @@ def load_splits(cfg: DictConfig) -> tuple[Dataset, Dataset]:
 
 
 def _holdout(rows: list[dict], fraction: float, seed: int, origin: str) -> tuple[list[dict], list[dict]]:
+    # Rows stay Python lists up to here (not datasets.Dataset.train_test_split) because every row is checked and
+    # converted one by one with its row number for the error message; the split keeps the file's order in each part.
     if len(rows) < 2:
         raise UserError(f"{origin}: only {len(rows)} row(s); at least 2 are needed to hold one out for evaluation "
                         "(or pass data.eval_path=...).")
