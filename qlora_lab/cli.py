@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
 
         # before anything is allocated: re-executes with LD_PRELOAD (once) if needed — only when this is the program
         allocator.exec_with(argv, entry_point=from_command_line)
+    conf = Path(__file__).resolve().parent.parent / "conf"  # config.CONF_DIR, without importing torch for this check
+    if not conf.is_dir():
+        print(f"error: the configs are not at {conf}: qlora_lab runs from its checkout. Fix: in the checkout, "
+              "`pip install -e .` (make does), or run `python -m qlora_lab` there.", file=sys.stderr)
+        sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
     if command == "train":
         from qlora_lab.distributed import shared_run_dir
