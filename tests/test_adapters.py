@@ -15,8 +15,9 @@ from tests.conftest import TINY, compose_train
 
 ADAPTERS = ["lora", "rslora", "dora", "pissa", "olora", "loftq", "prefix", "prompt", "ptuning", "ia3", "full"]
 REFUSED = {("full", "nf4"), ("pissa", "nf4"), ("olora", "nf4"), ("loftq", "none")}  # see test_refused_combinations
+# no warmup: both steps train (with LoRA's B = 0 at init, A only moves on the 2nd step)
 FAST = [*TINY, "trainer.max_steps=2", "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no",
-        "trainer.learning_rate=5e-3"]
+        "trainer.warmup_steps=0"]
 
 
 def cases():
@@ -50,12 +51,22 @@ def reload_plain(cfg, run_dir):
     return PeftModel.from_pretrained(base, run_dir / "adapter", autocast_adapter_dtype=cfg.quant.method == "none")
 
 
+# Learning rates high enough that 2 steps move every adapter's output well clear of the reload tolerance (below):
+# IA3 scales activations by vectors initialised to 1, and at 5e-3 moved the logits by less than that tolerance.
+LEARNING_RATE = {"ia3": "5e-2", "prefix": "2e-2", "prompt": "2e-2", "ptuning": "2e-2"}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("adapter, quant", cases())
 def test_adapter_trains_only_itself_and_reloads(tmp_path, captured, adapter, quant):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
     extra = ["adapter.prompt_init_text=Extract the facts as JSON:"] if adapter == "prompt-text" else []
     adapter = adapter.removesuffix("-text")
-    cfg = compose_train([*FAST, f"adapter={adapter}", f"quant={quant}", *extra], tmp_path)
+    lr = LEARNING_RATE.get(adapter, "5e-3")
+    cfg = compose_train([*FAST, f"adapter={adapter}", f"quant={quant}", f"trainer.learning_rate={lr}", *extra],
+                        tmp_path)
     metrics = train_mod.train(cfg)
     model = captured["trainer"].model.eval()
     before = captured["before"]
@@ -71,14 +82,22 @@ def test_adapter_trains_only_itself_and_reloads(tmp_path, captured, adapter, qua
         assert (metrics["trainable_params"], metrics["total_params"]) == model.get_nb_trainable_parameters()
         assert metrics["trainable_params"] == sum(params[n].numel() for n in trainable)
 
-    # base weights bit-identical; adapter weights moved
+    # base weights bit-identical; every adapter weight moved (LoRA: A and B, DoRA magnitudes, the p-tuning MLP, ...)
     changed = {n for n, p in params.items() if not torch.equal(before[n], p.detach())}
     assert changed <= trainable, sorted(changed - trainable)[:5]
-    assert changed, "no trainable weight changed"
+    assert changed == trainable, sorted(trainable - changed)[:5]
     if quant != "none":
         import bitsandbytes as bnb
         kind = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
         assert any(isinstance(m, kind) for m in model.modules())
+
+    # the saved file holds exactly the trained adapter (PiSSA/OLoRA: converted to plain LoRA, checked by the logits)
+    if adapter not in ("full", "pissa", "olora"):
+        saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+        expected = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        assert saved.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
 
     # the saved adapter reloads with plain peft (or transformers, for full) to the same logits
     reloaded = reload_plain(cfg, tmp_path).eval()
@@ -90,11 +109,21 @@ def test_adapter_trains_only_itself_and_reloads(tmp_path, captured, adapter, qua
         a = model(input_ids=ids).logits.float()
         with autocast:
             b = reloaded(input_ids=ids).logits.float()
+        # the same model with the untrained adapter (as training started): what an unsaved adapter would give
+        trained = {n: params[n].detach().clone() for n in trainable}
+        for n in trainable:
+            params[n].copy_(before[n])
+        untrained = model(input_ids=ids).logits.float()
+        for n in trainable:
+            params[n].copy_(trained[n])
     # Within bf16 rounding (eps 7.8e-3): the run computes in bf16 autocast, and an fp32 adapter (DoRA magnitude,
     # p-tuning MLP) or a bf16 base rounds in a slightly different order after reloading. PiSSA/OLoRA are saved
     # converted to plain rank-2r LoRA on the original base, which drops the bf16 rounding of their residual base.
-    tol = 2e-2 if adapter in ("pissa", "olora") else 1e-2
-    assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item()), (a - b).abs().max()
+    tol = (2e-2 if adapter in ("pissa", "olora") else 1e-2) * max(1.0, a.abs().max().item())
+    moved = (a - untrained).abs().max().item()
+    # training moved the output far beyond the tolerance, so an untrained or stale saved adapter cannot pass below
+    assert moved >= 5 * tol, (moved, tol)
+    assert (a - b).abs().max() <= tol, (a - b).abs().max()
 
 
 @pytest.mark.parametrize("adapter, quant, needle", [
@@ -116,9 +145,11 @@ def test_loftq_without_cuda_is_refused(monkeypatch):
         validate(compose_train(["adapter=loftq", "quant=nf4"]))
 
 
-def test_prefix_with_activation_checkpointing_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="trainer.activation_checkpointing=false"):
-        validate(compose_train(["adapter=prefix", "trainer.gradient_checkpointing=true"]))
+@pytest.mark.parametrize("field", ["gradient_checkpointing", "activation_checkpointing"])
+def test_prefix_with_activation_checkpointing_is_refused_with_the_reason(field):
+    with pytest.raises(ConfigError, match="drop the cache that carries peft's prefix") as e:
+        validate(compose_train(["adapter=prefix", f"trainer.{field}=true"]))
+    assert f"trainer.{field}=true" in str(e.value) and f"Set trainer.{field}=false" in str(e.value)  # what was set
 
 
 def test_fast_dropout_has_dropouts_distribution_and_gradient():
@@ -205,20 +236,47 @@ def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradie
 @pytest.mark.parametrize("impl", ["fast", "auto"])
 def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured, impl):
     from qlora_lab import kernels
-    from qlora_lab.adapters import FastDropout
+    from qlora_lab.adapters import FastDropout, resolve_dropout_impl
 
-    train_mod.train(compose_train([*TINY, f"adapter.dropout_impl={impl}", "trainer.max_steps=2", "score_before=false",
-                                   "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
+    cfg = compose_train([*TINY, f"adapter.dropout_impl={impl}", "trainer.max_steps=2", "score_before=false",
+                         "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path)
+    train_mod.train(cfg)
     trainer = captured["trainer"]
     model = trainer.model
+    # the documented auto rules (AdapterConfig.dropout_impl, TrainRunConfig.kernels): on CPU recompute and lean; on
+    # CUDA torch's dropout and the model's own modules
+    on_cuda = torch.cuda.is_available()
+    dropout_impl = {"fast": "fast", "auto": "torch" if on_cuda else "recompute"}[impl]
+    kernel_impl = "none" if on_cuda else "lean"
+    assert resolve_dropout_impl(cfg.adapter) == dropout_impl and trainer.kernels == kernel_impl
     fast = [m for m in model.modules() if isinstance(m, FastDropout)]
-    assert len(fast) == 14 and not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
-    recompute = impl == "auto"                                        # auto = recompute on CPU
+    torch_dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if dropout_impl == "torch":
+        assert not fast and len(torch_dropouts) == 14                # peft's own nn.Dropout on all 14 adapted linears
+    else:
+        assert len(fast) == 14 and not torch_dropouts
+    recompute = dropout_impl == "recompute"
     assert all(m.recompute == recompute for m in fast) and trainer._recompute_dropout == recompute
     b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in b)                         # gradients reached every adapter
-    # the CPU default kernels=auto is lean: every RMSNorm and MLP of the tiny Llama runs the lean forward
-    assert trainer.kernels == "lean"
+    # lean: every RMSNorm and MLP of the tiny Llama runs the lean forward; none: none of them does
     lean = [m for m in model.modules() if getattr(m.forward, "__func__", None) in (kernels._rmsnorm_forward,
                                                                                     kernels._mlp_forward)]
-    assert len(lean) == 2 * 2 + 1 + 2                                # 2 layers x 2 norms, final norm, 2 MLPs
+    assert len(lean) == (2 * 2 + 1 + 2 if kernel_impl == "lean" else 0)  # 2 layers x 2 norms, final norm, 2 MLPs
+
+
+def test_auto_dropout_and_kernels_resolve_per_device(monkeypatch):
+    """What auto means where: the training test above runs on one device only."""
+    from qlora_lab import kernels
+    from qlora_lab.adapters import resolve_dropout_impl
+
+    adapter = compose_train().adapter
+    assert adapter.dropout_impl == "auto"
+    for cuda, dropout_impl, kernel_impl in ((False, "recompute", "lean"), (True, "torch", "none")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert resolve_dropout_impl(adapter) == dropout_impl
+        assert kernels.resolve("auto", None) == kernel_impl
+        for explicit in ("torch", "fast", "recompute"):
+            assert resolve_dropout_impl(compose_train([f"adapter.dropout_impl={explicit}"]).adapter) == explicit
+        for explicit in ("lean", "none"):
+            assert kernels.resolve(explicit, None) == explicit

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import re
 from pathlib import Path
 
 import pytest
+import yaml
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qlora_lab.config import TrainerConfig, trainer_field_help, validate
+from qlora_lab.config import (DEPRECATED_TRAINER_ALIASES, OWNED_TRAINER_FIELDS, TrainerConfig, trainer_field_help,
+                              validate)
 from qlora_lab.errors import ConfigError
 from qlora_lab.config import CONF_DIR
 from qlora_lab.train import build_sft_config
@@ -35,6 +40,78 @@ def test_every_shipped_option_composes_and_validates(option, monkeypatch):
     OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)  # no ??? left
 
 
+def hydra_options(group: str) -> list[str]:
+    return [f.stem for f in sorted((Path(CONF_DIR) / group).glob("*.yaml"))]
+
+
+def compose_with_hydra(config_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("option", hydra_options("launcher"))
+def test_every_launcher_option_composes_into_a_launcher_hydra_can_build(option, tmp_path):
+    from hydra.plugins.launcher import Launcher
+    from hydra.utils import get_class, get_method, instantiate
+
+    default = compose_with_hydra("train", []).hydra.launcher._target_
+    cfg = compose_with_hydra("train", [f"launcher={option}", f"hydra.sweep.dir={tmp_path}"])
+    assert cfg.hydra.launcher._target_ != default  # the option replaced Hydra's basic launcher
+    assert issubclass(get_class(cfg.hydra.launcher._target_), Launcher)
+    assert isinstance(instantiate(cfg.hydra.launcher), Launcher)  # every field the preset sets is the plugin's
+    for callback in cfg.hydra.callbacks.values():  # the preset's callbacks import (and the sweep report stays)
+        get_method(callback._target_)
+    assert "sweep_report" in cfg.hydra.callbacks
+
+
+@pytest.mark.parametrize("option", hydra_options("sweep"))
+def test_every_sweep_option_composes_into_a_sweeper_over_real_fields(option, tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.plugins.sweeper import Sweeper
+    from hydra.utils import get_class, instantiate
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+
+    default = compose_with_hydra("train", []).hydra.sweeper._target_
+    cfg = compose_with_hydra("train", [f"sweep={option}", f"hydra.sweep.dir={tmp_path}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ != default and issubclass(get_class(sweeper._target_), Sweeper)
+    assert isinstance(instantiate(sweeper), Sweeper)  # the sampler too (a nested _target_)
+    assert sweeper.params, "a sweep preset with nothing to search"
+    parser = OverridesParser.create()
+    for key, value in sweeper.params.items():
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key  # a field of the train config
+        create_optuna_distribution_from_override(parser.parse_override(f"{key}={value}"))  # the search space parses
+
+
+@pytest.mark.parametrize("name, schema, overrides", [
+    ("merge", "MergeRunConfig", ["run=some/run"]),
+    ("chat", "ChatRunConfig", ["run=some/run"]),
+    ("bench", "BenchRunConfig", []),
+])
+def test_every_command_config_composes_against_its_schema(name, schema, overrides):
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qlora_lab import config as config_mod
+
+    cfg = compose_with_hydra(name, overrides)
+    assert OmegaConf.get_type(cfg) is getattr(config_mod, schema)  # typed: unknown keys and bad types are refused
+    with pytest.raises((HydraException, OmegaConfBaseException), match="no_such_key"):
+        compose_with_hydra(name, [*overrides, "no_such_key=1"])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no ??? left once the required keys are given
+    if name == "merge":
+        from qlora_lab.merge import BASES, SAVE_DTYPES
+
+        assert cfg.base in BASES and cfg.dtype in SAVE_DTYPES
+    elif name == "bench":
+        from qlora_lab.bench.app import validate_bench
+
+        validate_bench(cfg)
+
+
 def test_default_config_is_the_embedded_demo():
     cfg = compose_train()
     assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct"
@@ -56,6 +133,26 @@ def test_trainer_group_maps_one_to_one_onto_sftconfig(tmp_path):
     assert trainer_field_help("learning_rate")  # TRL's help text travels with the schema
     names = {f for f in TrainerConfig.__dataclass_fields__}
     assert "hub_token" not in names and "output_dir" not in names  # secrets / owned fields are not config
+
+
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def test_trainer_schema_is_sftconfig_minus_the_owned_fields():
+    from trl import SFTConfig
+
+    sft = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+    schema = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    assert set(schema) <= set(sft), sorted(set(schema) - set(sft))  # trainer.X is always SFTConfig's X
+    assert OWNED_TRAINER_FIELDS <= set(sft) and not OWNED_TRAINER_FIELDS & set(schema)
+    assert set(sft) == set(schema) | OWNED_TRAINER_FIELDS, sorted(set(sft) - set(schema) - OWNED_TRAINER_FIELDS)
+    for name, f in schema.items():  # TRL's defaults (deprecated aliases: None = unset, the new name decides)
+        expected = None if name in DEPRECATED_TRAINER_ALIASES else _default(sft[name])
+        assert _default(f) == expected, (name, _default(f), expected)
+    shipped = yaml.safe_load((Path(CONF_DIR) / "trainer" / "default.yaml").read_text())
+    assert set(shipped) <= set(schema), sorted(set(shipped) - set(schema))
 
 
 def test_validator_reports_every_problem_at_once():

@@ -16,6 +16,7 @@ from qlora_lab.config import CONF_DIR
 from qlora_lab.merge import merge
 from qlora_lab.train import train
 from tests.conftest import TINY, compose_train
+from tests.test_cli import assert_clean_failure, run_cli
 
 pytestmark = pytest.mark.integration
 QUICK = [*TINY, "trainer.learning_rate=1e-2", "score_before=false", "trainer.save_strategy=no"]
@@ -125,3 +126,47 @@ def test_chat_sampling_is_seeded(fp32_run):
     assert first == chat_mod.chat(app_cfg("chat", [*common, "seed=1"]))
     greedy = chat_mod.chat(app_cfg("chat", [f"run={fp32_run}", "prompt=Hi", "max_new_tokens=8", "stream=false"]))
     assert {chat_mod.chat(app_cfg("chat", [*common, f"seed={s}"])) for s in range(2, 6)} != {greedy}
+
+
+def finished_run_dir(folder: Path, overrides: list[str]) -> Path:
+    """What load_run() accepts as a completed run (its config, status completed, an adapter folder) without training
+    one: the refusals below happen before any weight is read."""
+    from omegaconf import OmegaConf
+
+    from qlora_lab.train import RUN_CONFIG
+
+    folder.mkdir(parents=True)
+    OmegaConf.save(compose_train([*QUICK, *overrides], folder), folder / RUN_CONFIG)
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / ("config.json" if "adapter=full" in overrides else "adapter_config.json")).write_text("{}")
+    return folder
+
+
+REFUSALS = {  # run's train overrides, merge overrides, what the message must say (the field, the fix)
+    "bad-base": ([], ["base=nf4"], ["base='nf4'", "use one of auto, original, nf4_roundtrip"]),
+    "bad-dtype": ([], ["dtype=int8"], ["dtype='int8'", "use one of bfloat16, float16, float32"]),
+    "nf4_roundtrip-without-4bit": (["quant=none"], ["base=nf4_roundtrip"],
+                                   ["base=nf4_roundtrip", "trained on quant=none", "Use base=original"]),
+    "full-fine-tune": (["adapter=full", "quant=none"], [], ["was a full fine-tune", "{run}/adapter already is a "
+                                                            "standalone model"]),  # the fix: use that folder as is
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_merge_refuses_what_it_cannot_merge_and_says_why(tmp_path, case):
+    run_overrides, args, needles = REFUSALS[case]
+    run, out = finished_run_dir(tmp_path / "run", run_overrides), tmp_path / "merged"
+    with pytest.raises(UserError) as e:
+        merge(app_cfg("merge", [f"run={run}", f"out={out}", *args]))
+    for needle in needles:
+        assert needle.format(run=run) in str(e.value), (needle, str(e.value))
+    assert not out.exists() and not (run / "merged").exists()
+
+
+def test_merge_refusal_on_the_command_line_is_one_message_and_exit_2(tmp_path):
+    run_overrides, args, needles = REFUSALS["full-fine-tune"]
+    run = finished_run_dir(tmp_path / "run", run_overrides)
+    proc = run_cli("merge", f"run={run}", *args)
+    assert_clean_failure(proc, "error: ", *(n.format(run=run) for n in needles))  # exit 2, no traceback
+    assert not (run / "merged").exists()

@@ -35,9 +35,24 @@ def test_grid_2x2_writes_four_runs_and_a_report_naming_the_best(tmp_path):
     best = min(rows, key=lambda r: float(r["eval_loss"]))
     assert f"job `{best['job']}`" in (sweep / "sweep_report.md").read_text()
     assert (sweep / "sweep_report.png").stat().st_size > 1000
-    # job 2..4 run in the same process after job 1: their peak memory must not carry job 1's
-    peaks = [m["peak_mem_mb"] for m in results]
-    assert max(peaks[1:]) < 1.3 * peaks[0], peaks
+    assert all(m["peak_mem_mb"] > 0 for m in results)  # each job's own window: test_peak_memory_is_reset_per_job
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is reset through Linux's /proc")
+def test_peak_memory_is_reset_per_job(monkeypatch):
+    """Jobs of a sweep share one process (basic launcher): each job's peak_mem_mb starts at its own reset."""
+    from qlora_lab import train as train_mod
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the CPU path: peak RSS (VmHWM)
+    train_mod._reset_peak_mem()
+    start = train_mod._peak_mem_mb()
+    big = b"\x01" * (600 * 2**20)  # 600 MiB, every page written (resident)
+    first_job = train_mod._peak_mem_mb()
+    assert first_job > start + 500, (start, first_job)
+    del big  # returned to the OS (a block this large is its own mmap)
+    train_mod._reset_peak_mem()
+    second_job = train_mod._peak_mem_mb()
+    assert second_job < first_job - 400, (first_job, second_job)
 
 
 def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
@@ -51,10 +66,30 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
     assert "1 completed, 1 failed" in report and "malformed.jsonl:3" in report
 
 
-def test_fail_fast_stops_the_sweep(tmp_path):
-    proc = run_cli("train", "-m", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}", "fail_fast=true",
-                   f"hydra.sweep.dir={tmp_path / 's'}")
-    assert proc.returncode != 0
+@pytest.fixture(scope="module")
+def fail_fast_sweep(tmp_path_factory):
+    """A 2-job sweep with fail_fast=true whose first job fails on malformed data and whose second job is good."""
+    sweep = tmp_path_factory.mktemp("fail_fast") / "sweep"
+    bad, good = DATA / "malformed.jsonl", DATA / "prompt_completion.jsonl"
+    proc = run_cli("train", "-m", *TINY_CLI, "data=file", f"data.path={bad},{good}", "fail_fast=true",
+                   f"hydra.sweep.dir={sweep}")
+    return sweep, proc.returncode, proc.stdout + proc.stderr
+
+
+def test_fail_fast_fails_the_sweep_with_the_jobs_message(fail_fast_sweep):
+    _, returncode, out = fail_fast_sweep  # without fail_fast the sweep records the job as failed and exits 0
+    assert returncode != 0, out[-3000:]
+    assert "malformed.jsonl:3: malformed JSON" in out, out[-3000:]  # the failed job's own message: file:line
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: with Hydra's basic launcher every job of a batch (here the whole "
+                   "sweep) runs before the sweeper looks at any result, so the job after the failed one still runs; "
+                   "the error then comes out of Hydra's handler with a Traceback instead of one clean message")
+def test_fail_fast_stops_the_sweep_at_the_failed_job_with_one_clean_message(fail_fast_sweep):
+    sweep, _, out = fail_fast_sweep
+    assert "malformed.jsonl:3: malformed JSON" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not (sweep / "1" / "metrics.json").exists(), "the job after the failed one still ran"
 
 
 def test_optuna_sweep_of_three_trials_returns_a_best_value(tmp_path):
