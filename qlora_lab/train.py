@@ -498,14 +498,37 @@ def main(cfg: DictConfig) -> float:
         log.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)  # requeue-able exit for SLURM / submitit
     except Exception as e:
-        if not in_multirun() or cfg.fail_fast:
+        if not in_multirun():
             raise
+        if cfg.fail_fast:
+            _stop_sweep(cfg, e)
         return _record_failed_job(cfg, e)
     finally:
         _release_memory()
     if is_main_process():
         print((Path(cfg.output_dir) / "report.md").read_text(), file=sys.stdout, flush=True)
     return float(metrics["eval_loss"])
+
+
+def _stop_sweep(cfg: DictConfig, error: Exception) -> None:
+    """fail_fast: end the whole sweep at this job. Hydra's launchers catch a job's exceptions and the basic sweeper
+    looks at them only after the whole batch has run, so the process exits here instead (SystemExit passes through
+    Hydra's job runner); the job is recorded as failed first."""
+    _write_failed(cfg, error)
+    if isinstance(error, UserError):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        log.exception("Job failed", exc_info=error)
+    print(f"fail_fast=true: the sweep stops at this job ({cfg.output_dir}).", file=sys.stderr, flush=True)
+    sys.exit(2 if isinstance(error, UserError) else 1)
+
+
+def _write_failed(cfg: DictConfig, error: Exception) -> None:
+    path = Path(cfg.output_dir) / "metrics.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier.get("status") != "completed":  # a refused rerun of a completed job leaves its results alone
+        # what train() recorded (global_step, last checkpoint, the "before" scores) stays, with the error
+        write_json_atomic(path, {**earlier, "status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
 def _record_failed_job(cfg: DictConfig, error: Exception) -> float:
@@ -517,11 +540,7 @@ def _record_failed_job(cfg: DictConfig, error: Exception) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     log.error("Job failed: %s: %s", type(error).__name__, error)
-    path = Path(cfg.output_dir) / "metrics.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
-    if earlier.get("status") != "completed":  # a refused rerun of a completed job leaves its results alone
-        # what train() recorded (global_step, last checkpoint, the "before" scores) stays, with the error
-        write_json_atomic(path, {**earlier, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+    _write_failed(cfg, error)
     if "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
         raise error
     return float("nan")

@@ -82,9 +82,6 @@ def test_fail_fast_fails_the_sweep_with_the_jobs_message(fail_fast_sweep):
     assert "malformed.jsonl:3: malformed JSON" in out, out[-3000:]  # the failed job's own message: file:line
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: with Hydra's basic launcher every job of a batch (here the whole "
-                   "sweep) runs before the sweeper looks at any result, so the job after the failed one still runs; "
-                   "the error then comes out of Hydra's handler with a Traceback instead of one clean message")
 def test_fail_fast_stops_the_sweep_at_the_failed_job_with_one_clean_message(fail_fast_sweep):
     sweep, _, out = fail_fast_sweep
     assert "malformed.jsonl:3: malformed JSON" in out, out[-3000:]
