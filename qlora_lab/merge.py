@@ -41,7 +41,9 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
                         "of changing weights, so there is nothing to merge. Serve it as is: "
                         f"`qlora-lab chat run={run.dir}`.")
     if run.method == "full":
-        raise UserError(f"run {run.dir} was a full fine-tune: {run.adapter_dir} already is a standalone model.")
+        raise UserError(f"run {run.dir} was a full fine-tune: {run.adapter_dir} already is a standalone model, nothing "
+                        f"to merge. Use it as is: qlora-lab chat run={run.adapter_dir}, or "
+                        f"AutoModelForCausalLM.from_pretrained('{run.adapter_dir}').")
     four_bit = run.cfg.quant.method in ("nf4", "fp4")
     base = cfg.base if cfg.base != "auto" else ("nf4_roundtrip" if four_bit else "original")
     if base == "nf4_roundtrip" and not four_bit:
