@@ -131,6 +131,21 @@ def test_user_data_formats_train(tmp_path, fmt):
     assert metrics["task_metric"] == ("none" if fmt == "text.csv" else "exact_match")
 
 
+def test_the_loss_covers_only_the_answer(tmp_path, captured):
+    train_mod.train(compose_train([*TINY, "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
+                                   "trainer.save_strategy=no"], tmp_path))
+    trainer = captured["trainer"]
+    tokenizer = trainer.processing_class
+    raw = trainer.train_dataset
+    for row in raw.select(range(4)):
+        labelled = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        assert row["labels"][0] == -100 and labelled  # the prompt (system, user turn) is masked, the answer is not
+        # exactly the answer and the end of its turn (TRL's completion-only loss on conversational rows)
+        answer = tokenizer.decode(labelled)
+        assert answer.endswith("<|im_end|>\n") and "<|im_start|>" not in answer
+        assert answer.removesuffix("<|im_end|>\n").strip().startswith("{")  # the demo task's JSON answer
+
+
 def test_selective_native_and_fused_loss_paths_train_the_same_adapter(tmp_path, captured):
     losses, adapters = {}, {}
     for loss in ("selective", "native", "fused"):
