@@ -98,8 +98,8 @@ class AdapterConfig:
     # Weight-decomposed LoRA (DoRA): trains a magnitude vector besides the low-rank direction.
     use_dora: bool = False
     # LoRA initialisation: "default" (B = 0), "gaussian", "pissa" / "pissa_niter_4" (principal singular vectors;
-    # moves them out of the base, needs quant=none), "olora" (QR-based; needs quant=none, as pissa), "loftq" (LoRA initialised
-    # to cancel the 4-bit quantization error; needs a 4-bit quant and the base's safetensors).
+    # moves them out of the base, needs quant=none), "olora" (QR-based; needs quant=none, as pissa), "loftq" (LoRA
+    # initialised to cancel the 4-bit quantization error; needs a 4-bit quant and the base's safetensors).
     init: str = "default"
     # LoftQ alternating steps (init=loftq).
     loftq_iter: int = 1
@@ -452,9 +452,13 @@ def _sharded_by(problems: list[str], t: DictConfig) -> str | None:
     FSDP: ``accelerate launch`` with an FSDP config exports ACCELERATE_USE_FSDP=true; torchrun users set
     ``trainer.fsdp`` (TrainingArguments.fsdp).
     """
-    if _env_true("ACCELERATE_USE_FSDP") or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no"):
+    if _fsdp_on(t):
         return "FSDP"
     return "DeepSpeed ZeRO-3" if _zero_stage(problems, t) == 3 else None
+
+
+def _fsdp_on(t: DictConfig) -> bool:
+    return _env_true("ACCELERATE_USE_FSDP") or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no")
 
 
 def _dtype_name(name: str) -> str:
@@ -654,7 +658,8 @@ def validate(cfg: DictConfig) -> None:
         p.append("trainer.padding_free=true: use batching=padding_free instead (it keeps trainer.max_length, which "
                  "TRL's padding_free refuses).")
     if cfg.loss in ("selective", "native") and (t.loss_type != "nll" or t.label_smoothing_factor):
-        which = f"loss_type={t.loss_type}" if t.loss_type != "nll" else f"label_smoothing_factor={t.label_smoothing_factor}"
+        which = (f"loss_type={t.loss_type}" if t.loss_type != "nll"
+                 else f"label_smoothing_factor={t.label_smoothing_factor}")
         p.append(f"loss={cfg.loss} with trainer.{which}: only TRL's own loss computes that. Use loss=auto (it picks "
                  "TRL's loss then) or loss=fused.")
     if t.packing and cfg.batching != "shuffled":
@@ -674,8 +679,7 @@ def _trainer_args_problems(p: list[str], t: DictConfig) -> None:
     from qlora_lab.errors import UserError
     from qlora_lab.sft import build_sft_config  # imports this module: here, not at the top
 
-    if (_env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _env_true("ACCELERATE_USE_FSDP")
-            or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no")):
+    if _env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _fsdp_on(t):
         return  # their arguments set up DeepSpeed / FSDP state (and need the packages): checked when training starts
     try:
         build_sft_config(t, Path(tempfile.gettempdir()) / "qlora-lab-validate")

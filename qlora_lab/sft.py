@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -87,6 +88,7 @@ class QloraSFTTrainer(SFTTrainer):
         self._nonfinite_steps = 0
         self._step_loss_finite = True
         self.skipped_updates = 0  # optimizer steps skipped for non-finite gradients
+        self._grad_norm = None  # the Trainer's own gradient norm of the step in progress
         self._recompute_dropout = None
         # TRL keeps QLoRA adapters in bf16; remember each trainable tensor's dtype so a resume keeps it
         self._trainable_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
@@ -157,13 +159,22 @@ class QloraSFTTrainer(SFTTrainer):
             self._step_loss_finite = False
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.24's step computes the total gradient norm here (clipping or not), before the
+        # on_pre_optimizer_step callbacks: kept for drop_nonfinite_update instead of computing it twice
+        self._grad_norm = super()._get_grad_norm(model, grad_norm)
+        return self._grad_norm
+
     def drop_nonfinite_update(self) -> None:
         """Before each optimizer step: with a non-finite gradient anywhere, skip the update (the optimizer skips
         parameters without a gradient), so that one bad batch cannot turn every weight into NaN for good — which
-        AdamW would do, and the checkpoints after it would keep. One total norm, so one device sync per step; under
+        AdamW would do, and the checkpoints after it would keep. Decided on the step's total gradient norm; under
         DDP the gradients are all-reduced first, so every rank decides alike."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is None:  # a Trainer that did not compute it: the same norm here
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+        if math.isfinite(float(norm)):
             return
         for p in self.model.parameters():
             p.grad = None

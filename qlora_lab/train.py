@@ -401,11 +401,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
-    if not path.is_file():
-        return {}
-    old = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _previous_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    old = _read_metrics(run_dir)
     return {k: old[k] for k in keys if k in old}
 
 
@@ -524,11 +526,11 @@ def _stop_sweep(cfg: DictConfig, error: Exception) -> None:
 
 
 def _write_failed(cfg: DictConfig, error: Exception) -> None:
-    path = Path(cfg.output_dir) / "metrics.json"
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    earlier = _read_metrics(Path(cfg.output_dir))
     if earlier.get("status") != "completed":  # a refused rerun of a completed job leaves its results alone
         # what train() recorded (global_step, last checkpoint, the "before" scores) stays, with the error
-        write_json_atomic(path, {**earlier, "status": "failed", "error": f"{type(error).__name__}: {error}"})
+        write_json_atomic(Path(cfg.output_dir) / "metrics.json",
+                          {**earlier, "status": "failed", "error": f"{type(error).__name__}: {error}"})
 
 
 def _record_failed_job(cfg: DictConfig, error: Exception) -> float:

@@ -97,7 +97,8 @@ def test_gradient_checkpointing_unset_means_off_not_trls_default(tmp_path, value
 def test_an_adapter_on_the_output_layer_is_refused_with_the_alternative():
     from qlora_lab.config import ConfigError, validate
 
-    with pytest.raises(ConfigError, match=r"TRL's SFTTrainer trains no adapter on lm_head.*modules_to_save=\[lm_head\]"):
+    refused = r"TRL's SFTTrainer trains no adapter on lm_head.*modules_to_save=\[lm_head\]"
+    with pytest.raises(ConfigError, match=refused):
         validate(compose_train(["adapter.target_modules=[q_proj,lm_head]"]))
 
 

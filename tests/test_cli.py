@@ -34,7 +34,8 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str, code:
 
 def test_usage_and_unknown_command():
     usage = run_cli("--help")
-    assert usage.returncode == 0 and all(f"  {c} " in usage.stdout for c in ("train", "merge", "chat", "bench", "report"))
+    assert usage.returncode == 0
+    assert all(f"  {c} " in usage.stdout for c in ("train", "merge", "chat", "bench", "report"))
     assert_clean_failure(run_cli("trian"), "unknown command 'trian'")
 
 

@@ -175,7 +175,8 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
     overrides = [*b.overrides, *(b.variants[variant] if variant else [])]
     spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
             "rows_path": str(work / f"rows-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
-            "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides, "output_dir": str(work / tag)}
+            "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides,
+            "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     # the allocator `qlora-lab train` would start with (qlora_lab), or the C library's (plain: `python script.py`)

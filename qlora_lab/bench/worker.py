@@ -61,12 +61,12 @@ class StepProfiler(TrainerCallback):
 
     def __init__(self, after: int, steps: int) -> None:
         self.after, self.steps, self.prof = after, steps, None
-        self.device = torch.cuda.is_available()
+        self.cuda = torch.cuda.is_available()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.after and self.prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device:
+            if self.cuda:
                 torch.cuda.synchronize()
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities)
@@ -74,13 +74,13 @@ class StepProfiler(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.prof is not None and state.global_step == self.after + self.steps:
-            if self.device:
+            if self.cuda:
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
 
     def top_ops(self, limit: int = 12) -> list[dict[str, Any]]:
         """The ops with the most self time (the GPU's on CUDA, else the CPU's), per profiled step."""
-        key = "self_device_time_total" if self.device else "self_cpu_time_total"
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         events = [e for e in self.prof.key_averages() if getattr(e, key) > 0]
         total = sum(getattr(e, key) for e in events)
         events.sort(key=lambda e: getattr(e, key), reverse=True)
