@@ -11,6 +11,8 @@ from pathlib import Path
 # command -> module whose `main` is the command's @hydra.main shell
 COMMANDS = {
     "train": ("qlora_lab.train", "fine-tune an adapter (conf/train.yaml)"),
+    "prepare": ("qlora_lab.prepare", "convert and tokenize a run's data into the cache (same overrides as train)"),
+    "inspect": ("qlora_lab.prepare:inspect_main", "show what a run would train on: summary + rows with trained tokens"),
     "merge": ("qlora_lab.merge", "merge a run's adapter into a standalone model (conf/merge.yaml)"),
     "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
     "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
@@ -42,14 +44,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: the configs are not at {conf}: qlora_lab runs from its checkout. Fix: in the checkout, "
               "`pip install -e .` (make does), or run `python -m qlora_lab` there.", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, _, entry = COMMANDS[command][0].partition(":")
+    module = importlib.import_module(module_name)
     if command == "train":
         from qlora_lab.distributed import shared_run_dir
 
         rest = shared_run_dir(rest)  # torchrun / accelerate: all ranks in one run dir
     _check_run_dir(rest)
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
-    module.main()
+    getattr(module, entry or "main")()
 
 
 def _check_run_dir(overrides: list[str]) -> None:

@@ -119,9 +119,10 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    """Training data, the held-out split and the task metric."""
+    """Training data, the held-out split and the task metric (README "Your data")."""
 
-    # "demo" (the embedded extraction task), "file" (jsonl/json/csv/parquet) or "hub" (datasets.load_dataset).
+    # "demo" (the embedded extraction task), "file" (jsonl/json/csv/parquet), "hub" (datasets.load_dataset) or
+    # "mixture" (several files / hub datasets mixed by weight: data.sources).
     source: str = "demo"
     # File path (source=file) or dataset id (source=hub).
     path: Optional[str] = None
@@ -131,19 +132,40 @@ class DataConfig:
     split: str = "train"
     # Held-out data: a file path (source=file) or split name (source=hub); null = carve `eval_fraction` out.
     eval_path: Optional[str] = None
-    # Fraction of the training data held out for evaluation when no eval_path is given.
+    # Fraction of the training data held out for evaluation when no eval_path is given (per source in a mixture).
     eval_fraction: float = 0.1
-    # Row format: "auto" (detected from the columns), "messages", "instruction", "prompt_completion" or "text".
+    # Row format: "auto" (detected from the columns), "messages", "sharegpt", "instruction", "prompt_completion" or
+    # "text".
     format: str = "auto"
     # Rename columns before detection, e.g. data.columns={question:prompt,answer:completion}. Typed Any (a mapping
     # of old to new names, checked by the validator): Hydra can neither add keys to a typed dict from the command
     # line nor merge a dict into a typed null.
     columns: Any = None
+    # Role names of chat rows mapped to system/user/assistant/tool, e.g. data.roles={human:user,bot:assistant}
+    # (ShareGPT's human/gpt/system/function_call/observation are mapped already).
+    roles: Any = None
+    # Key names of chat rows, e.g. data.message_keys={messages:dialog,role:speaker,content:text} (defaults: messages,
+    # role, content; for ShareGPT: conversations, from, value).
+    message_keys: Any = None
+    # Mixture (source=mixture): a list of sources, each {path, weight (default 1), split, name, eval_path, source
+    # (file|hub; default: file for a .jsonl/.json/.csv/.parquet path), format, columns, roles, message_keys}; rows
+    # are drawn by weight until the first source runs out; each source holds out its own eval rows.
+    sources: Any = None
+    # What the loss is computed on in chat rows: "all_assistant" (every assistant turn, with its end-of-turn token;
+    # system/user/tool turns masked), "last_assistant" (the final answer only), "all" (every token).
+    # Prompt/completion rows train the completion in every mode but "all".
+    train_on: str = "all_assistant"
+    # A row that cannot be used: "error" (stop, naming file, row and field) or "skip" (drop it, log the first few,
+    # write all of them to <run>/skipped_rows.jsonl).
+    bad_rows: str = "error"
+    # With bad_rows=skip: stop anyway when more than this share of a source's rows is bad (a wrong format).
+    max_bad_fraction: float = 0.1
     # Optional system message prepended to conversational rows.
     system_prompt: Optional[str] = None
     # Cap on training rows (null = all). For source=demo: how many rows to generate.
     max_train_samples: Optional[int] = None
-    # Cap on held-out rows (null = all). For source=demo: how many rows to generate.
+    # Cap on held-out rows (null = all). For source=demo: how many rows to generate. With streaming: the rows held
+    # out from the start of the stream (null = 256) unless eval_path is given.
     max_eval_samples: Optional[int] = None
     # Held-out task score: "auto" (json_match for the demo, exact_match otherwise), "json_match", "exact_match",
     # or "none". Scored on greedy generations for held-out prompt/completion rows.
@@ -152,8 +174,26 @@ class DataConfig:
     task_eval_samples: int = 64
     # Generation budget per task-score answer.
     max_new_tokens: int = 64
-    # Seed for the split and the demo data.
+    # Seed for the split, the mixture and the demo data.
     seed: int = 0
+    # Reuse data prepared (converted + tokenized) by an earlier run with the same inputs, from the cache dir;
+    # false rebuilds it (e.g. after a hub dataset changed: hub sources are keyed by id, config and split).
+    cache: bool = True
+    # Worker processes for conversion and tokenization; null = 1 under 20,000 rows, else the core count (<= 8).
+    num_proc: Optional[int] = None
+    # Stream rows instead of preparing them first (hub datasets too large to download, huge files): nothing is
+    # cached, rows are read in order (no length grouping), and trainer.max_steps is required.
+    streaming: bool = False
+
+
+@dataclass
+class InspectConfig:
+    """What `qlora-lab inspect` shows."""
+
+    # Training rows printed through the chat template, with the trained tokens marked.
+    rows: int = 3
+    # Also write the summary and the shown rows (each with `trained`: the decoded trained spans, in order) here.
+    json: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -374,10 +414,22 @@ class ChatRunConfig:
     stream: bool = True
 
 
+# `qlora-lab prepare` / `inspect`: the train config (same groups and overrides) plus what inspect shows. Built from
+# TrainRunConfig's fields rather than subclassing it, so the commands share fields, not behaviour.
+PrepareRunConfig = dataclasses.make_dataclass(
+    "PrepareRunConfig",
+    [(f.name, typing.get_type_hints(TrainRunConfig)[f.name], field(default=f.default)
+      if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory))
+     for f in dataclasses.fields(TrainRunConfig)]
+    + [("inspect", InspectConfig, field(default_factory=InspectConfig))])
+PrepareRunConfig.__doc__ = "Primary config of `qlora-lab prepare` and `qlora-lab inspect` (conf/prepare.yaml)."
+
+
 def register_configs() -> None:
     """Register the schemas; YAML files name them in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="prepare_schema", node=PrepareRunConfig)
     cs.store(name="merge_schema", node=MergeRunConfig)
     cs.store(name="chat_schema", node=ChatRunConfig)
     cs.store(name="bench_schema", node=BenchRunConfig)
@@ -389,8 +441,11 @@ def register_configs() -> None:
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 ADAPTER_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "full")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
-DATA_SOURCES = ("demo", "file", "hub")
-DATA_FORMATS = ("auto", "messages", "instruction", "prompt_completion", "text")
+DATA_SOURCES = ("demo", "file", "hub", "mixture")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "instruction", "prompt_completion", "text")
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+BAD_ROWS = ("error", "skip")
+SOURCE_KEYS = ("path", "weight", "split", "name", "eval_path", "source", "format", "columns", "roles", "message_keys")
 TASK_METRICS = ("auto", "json_match", "exact_match", "none")
 LOSS_IMPLS = ("auto", "selective", "native", "fused")
 BATCHING = ("grouped", "shuffled", "padding_free")
@@ -509,6 +564,87 @@ def _sharding_problems(problems: list[str], cfg: DictConfig) -> None:
             "quant.compute_dtype=bfloat16.")
 
 
+def _mapping(p: list[str], key: str, value: Any, example: str) -> None:
+    if value is not None and not (OmegaConf.is_dict(value) and all(isinstance(v, str) for v in value.values())):
+        p.append(f"{key}={value!r}: use a mapping of names, e.g. {key}={example}.")
+
+
+def _data_file(p: list[str], key: str, val: Any) -> None:
+    fp = Path(str(val)).expanduser()
+    if not fp.is_file():
+        p.append(f"{key}={val!r}: file not found (looked in {fp.resolve().parent}).")
+    elif fp.suffix.lower() not in DATA_SUFFIXES:
+        p.append(f"{key}={val!r}: unsupported file type {fp.suffix!r}; use {', '.join(DATA_SUFFIXES)}.")
+
+
+def _data_problems(p: list[str], d: DictConfig, t: DictConfig) -> None:
+    _choice(p, "data.source", d.source, DATA_SOURCES)
+    _choice(p, "data.format", d.format, DATA_FORMATS)
+    _choice(p, "data.task_metric", d.task_metric, TASK_METRICS)
+    _choice(p, "data.train_on", d.train_on, TRAIN_ON)
+    _choice(p, "data.bad_rows", d.bad_rows, BAD_ROWS)
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be between 0 and 1 (e.g. 0.1).")
+    if d.num_proc is not None and d.num_proc < 1:
+        p.append(f"data.num_proc={d.num_proc}: must be >= 1, or null for automatic.")
+    if d.source in ("file", "hub") and not d.path:
+        p.append(f"data.path is required with data.source={d.source}: e.g. data.path=my_data.jsonl"
+                 + (" (jsonl, json, csv or parquet)." if d.source == "file" else " (a datasets hub id)."))
+    if d.source == "file" and d.path:
+        for key in ("path", "eval_path"):
+            if d[key] is not None:
+                _data_file(p, f"data.{key}", d[key])
+    if d.columns is not None and not (OmegaConf.is_dict(d.columns)
+                                      and all(isinstance(v, str) for v in d.columns.values())):
+        p.append(f"data.columns={d.columns!r}: use a mapping of old to new column names, e.g. "
+                 "data.columns={question:prompt,answer:completion}.")
+    _mapping(p, "data.roles", d.roles, "{human:user,bot:assistant}")
+    _mapping(p, "data.message_keys", d.message_keys, "{messages:dialog,role:from,content:value}")
+    if OmegaConf.is_dict(d.message_keys):
+        for k in d.message_keys:
+            if k not in ("messages", "role", "content"):
+                p.append(f"data.message_keys.{k}: unknown key; use messages, role and/or content.")
+    if OmegaConf.is_dict(d.roles):
+        for k, v in d.roles.items():
+            if v not in ("system", "user", "assistant", "tool"):
+                p.append(f"data.roles.{k}={v!r}: map to one of system, user, assistant, tool.")
+    if d.source == "mixture":
+        if not (OmegaConf.is_list(d.sources) and len(d.sources) > 0):
+            p.append("data.source=mixture needs data.sources: a list such as "
+                     "'data.sources=[{path: a.jsonl, weight: 0.7}, {path: org/ds, split: train, weight: 0.3}]'.")
+        else:
+            for i, s in enumerate(d.sources):
+                where = f"data.sources[{i}]"
+                if not OmegaConf.is_dict(s) or not s.get("path"):
+                    p.append(f"{where}={s!r}: each source is a mapping with at least a path, e.g. "
+                             "{path: a.jsonl, weight: 0.5}.")
+                    continue
+                for k in s:
+                    if k not in SOURCE_KEYS:
+                        close = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
+                        p.append(f"{where}.{k}: unknown key" + (f"; did you mean {close[0]!r}?" if close else
+                                                                f"; use {', '.join(SOURCE_KEYS)}."))
+                weight = s.get("weight", 1.0)
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                    p.append(f"{where}.weight={weight!r}: must be a number > 0 (weights are normalised to shares).")
+                if s.get("source", "file" if str(s.path).lower().endswith(DATA_SUFFIXES) else "hub") == "file":
+                    for key in ("path", "eval_path"):
+                        if s.get(key) is not None:
+                            _data_file(p, f"{where}.{key}", s[key])
+                if s.get("format") is not None:
+                    _choice(p, f"{where}.format", s.format, DATA_FORMATS)
+    elif d.sources:
+        p.append(f"data.sources is set but data.source={d.source}: use data=mixture (data.source=mixture) to mix "
+                 "sources.")
+    if d.streaming:
+        if d.source == "demo":
+            p.append("data.streaming=true with data.source=demo: the demo is generated in memory; streaming is for "
+                     "data=file (.jsonl/.csv/.parquet) or data=hub.")
+        if t.max_steps is None or t.max_steps <= 0:
+            p.append("data.streaming=true needs trainer.max_steps (a streamed dataset has no length to count epochs "
+                     "from), e.g. trainer.max_steps=1000.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise one :class:`ConfigError` listing every problem found."""
     p: list[str] = []
@@ -607,26 +743,7 @@ def validate(cfg: DictConfig) -> None:
                  "quant=none for full fine-tuning, or keep the quantization with adapter=lora (QLoRA).")
 
     # data
-    _choice(p, "data.source", d.source, DATA_SOURCES)
-    _choice(p, "data.format", d.format, DATA_FORMATS)
-    _choice(p, "data.task_metric", d.task_metric, TASK_METRICS)
-    if d.source in ("file", "hub") and not d.path:
-        p.append(f"data.path is required with data.source={d.source}: e.g. data.path=my_data.jsonl"
-                 + (" (jsonl, json, csv or parquet)." if d.source == "file" else " (a datasets hub id)."))
-    if d.source == "file" and d.path:
-        for key in ("path", "eval_path"):
-            val = d[key]
-            if val is None:
-                continue
-            fp = Path(val).expanduser()
-            if not fp.is_file():
-                p.append(f"data.{key}={val!r}: file not found (looked in {fp.resolve().parent}).")
-            elif fp.suffix.lower() not in DATA_SUFFIXES:
-                p.append(f"data.{key}={val!r}: unsupported file type {fp.suffix!r}; use {', '.join(DATA_SUFFIXES)}.")
-    if d.columns is not None and not (OmegaConf.is_dict(d.columns)
-                                      and all(isinstance(v, str) for v in d.columns.values())):
-        p.append(f"data.columns={d.columns!r}: use a mapping of old to new column names, e.g. "
-                 "data.columns={question:prompt,answer:completion}.")
+    _data_problems(p, d, t)
     if not 0.0 < d.eval_fraction < 1.0:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be between 0 and 1 (e.g. 0.1).")
     for key in ("max_train_samples", "max_eval_samples"):

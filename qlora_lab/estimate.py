@@ -127,8 +127,19 @@ def device_capacity() -> tuple[int | None, str]:
 
 
 def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tuple[int, float]:
-    """(padded length of a batch — the longest row, capped at max_length — and the labelled share of tokens),
-    from up to ``sample`` rows in TRL's formats."""
+    """(padded length of a batch — the longest row, capped at max_length — and the labelled share of tokens).
+
+    From the prepared rows' ``length`` / ``trained`` columns (qlora_lab/prepare.py) when they have them, else
+    tokenized here from up to ``sample`` rows in TRL's formats."""
+    names = getattr(rows, "column_names", None) or ()
+    if "length" in names and "trained" in names and hasattr(rows, "__len__"):
+        from qlora_lab.data import column
+
+        if len(rows) == 0:
+            return max_length or 1024, 1.0
+        lengths, trained = column(rows, "length"), column(rows, "trained")
+        longest = int(lengths.max())
+        return (min(longest, max_length) if max_length else longest), float((trained / lengths).mean())
     lengths, shares = [], []
     for row in rows.select(range(min(sample, len(rows)))) if hasattr(rows, "select") else rows[:sample]:
         if "text" in row and row["text"] is not None:

@@ -78,9 +78,10 @@ def heldout_prompts(run: Run, n: int) -> list:
     from qlora_lab import data
 
     try:
-        _, evals = data.load_splits(run.cfg.data)
-        rows = evals.select(range(min(n, len(evals)))).to_list()
-        prompts = [r["prompt"] if "prompt" in r else r["text"] for r in rows]
+        held = data.load_splits(run.cfg.data).eval
+        prompts = [r["prompt"] for r in data.task_rows(held, n)]
+        if not prompts:  # plain-text data: its first texts
+            prompts = [t for t in held.select(range(min(n, len(held))))[:]["text"] if t]
     except (UserError, OSError):
         prompts = []
     fallback = [[{"role": "user", "content": q}] for q in (

@@ -104,11 +104,27 @@ class QloraSFTTrainer(SFTTrainer):
                 param.data = param.data.to(want)
 
     def _get_train_sampler(self, train_dataset=None):
+        lengths = None
+        if "length" in (getattr(self.train_dataset, "column_names", None) or ()):
+            # prepare.py stores each row's token count: read as one Arrow column instead of the Trainer's loop
+            # over every row's input_ids (seconds per million rows), and hidden from the dataset the Trainer passes
+            # here, whose unused columns it has removed
+            from qlora_lab.data import column
+
+            lengths = column(self.train_dataset, "length").tolist()
+        if lengths is not None and self._grouped_by_length():
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return SeededLengthGroupedSampler(batch, lengths, seed)
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             sampler = SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
+
+    def _grouped_by_length(self) -> bool:
+        strategy = getattr(self.args, "train_sampling_strategy", None)
+        return strategy == "group_by_length" or bool(getattr(self.args, "group_by_length", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._recompute_dropout is None:  # known once adapters.use_dropout_impl has run (after __init__)

@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, allocator, data, estimate, kernels, models, report, task
+from qlora_lab import adapters, allocator, estimate, kernels, models, prepare, report, task
 from qlora_lab.config import CONF_DIR, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -57,13 +57,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if main_process:
         write_json_atomic(run_dir / "environment.json", environment(cfg))
 
-    # ---- setup: data first (cheap, and the most common source of user errors), then the model
-    train_ds, eval_ds = data.load_splits(cfg.data)
-    metric = _task_metric(cfg.data, eval_ds)
-    task_rows = eval_ds.select(range(min(cfg.data.task_eval_samples, len(eval_ds)))).to_list() if metric else []
-
+    # ---- setup: the tokenizer and the data first (the most common source of user errors), then the model
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
+    prepared = prepare.prepare(cfg, tokenizer, run_dir if main_process else None)  # cached: see prepare.py
+    train_ds, eval_ds = prepared.train, prepared.eval
+    metric = _task_metric(cfg.data, prepared.task_rows)
+    task_rows = prepared.task_rows if metric else []
     fit = estimate.for_run(cfg, model_path, tokenizer, train_ds)  # "will it fit?", before any weight is loaded
     if fit and main_process:
         log.info(estimate.describe(fit, *estimate.device_capacity()))
@@ -71,10 +71,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
-    if len(trainer.train_dataset) == 0:
-        raise UserError(f"no training example has a trainable token left after truncation to trainer.max_length="
-                        f"{cfg.trainer.max_length} (the answer starts after that many tokens in every row). Raise "
-                        "trainer.max_length or shorten the prompts.")
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
     log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              "" if cfg.adapter.method == "full" else " — adapter only")
@@ -159,8 +155,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         estimated_mem_mb=round(fit["total_bytes"] / 2**20, 1) if fit else None,
         trainable_params=trainable,
         total_params=total,
-        train_rows=len(train_ds),
+        train_rows=prepared.stats.get("train_rows"),  # absent when streamed
         eval_rows=len(eval_ds),
+        data_from_cache=prepared.from_cache,
         device=models.device_type(),
         world_size=world_size(),
         examples=after["examples"] if after else [],
@@ -178,7 +175,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints")
     _setup_tracking(args, run_dir)
-    truncate_to = _apply_batching(args, cfg.batching)
+    if not args.packing:
+        # the rows come tokenized, masked and truncated (prepare.py); TRL's preparation would map over every row
+        # again to rebuild what is there. Packing is TRL's own step and still runs.
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    _apply_batching(args, cfg.batching)
     _apply_memory_budget(args, cfg, model, tokenizer, train_ds)
     kernel_impl = kernels.resolve(cfg.kernels, model.config)
     if kernel_impl == "liger":
@@ -209,15 +210,11 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
     trainer.kernels = kernel_impl
     if kernel_impl == "lean":
         kernels.apply_lean_lora(trainer.model)  # the peft layers exist once SFTTrainer has wrapped the model
-    if truncate_to:
-        trainer.train_dataset = _truncate(trainer.train_dataset, truncate_to)
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset = _truncate(trainer.eval_dataset, truncate_to)
     return trainer
 
 
-def _apply_batching(args, batching: str) -> int | None:
-    """Set the SFTConfig fields for ``batching``; return the length to truncate rows to ourselves, if any."""
+def _apply_batching(args, batching: str) -> None:
+    """Set the SFTConfig fields for ``batching``."""
     if batching == "grouped":
         if hasattr(args, "train_sampling_strategy"):  # transformers >= 5.2x
             args.train_sampling_strategy = "group_by_length"
@@ -225,18 +222,9 @@ def _apply_batching(args, batching: str) -> int | None:
             args.group_by_length = True
     elif batching == "padding_free":
         args.padding_free = True
-        # TRL 1.16 refuses padding_free with a max_length ("not enforced"), although its dataset preparation
-        # truncates to max_length all the same; so TRL gets None and the rows are truncated here, the same way
-        # (keep the start, drop rows left without a label).
-        truncate_to, args.max_length = args.max_length, None
-        return truncate_to
-    return None
-
-
-def _truncate(dataset, max_length: int):
-    dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length],
-                                       "labels": row["labels"][:max_length]})
-    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+        # TRL 1.16 refuses padding_free with a max_length ("not enforced"); the rows are truncated to it already
+        # (prepare.py), so TRL gets None.
+        args.max_length = None
 
 
 def _apply_memory_budget(args, cfg: DictConfig, model, tokenizer, train_ds) -> None:
@@ -319,9 +307,9 @@ def _setup_tracking(args, run_dir: Path) -> None:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-def _task_metric(data_cfg: DictConfig, eval_ds) -> str | None:
+def _task_metric(data_cfg: DictConfig, task_rows: list) -> str | None:
     metric = data_cfg.task_metric
-    if metric == "none" or data_cfg.task_eval_samples == 0 or "prompt" not in eval_ds.column_names:
+    if metric == "none" or data_cfg.task_eval_samples == 0 or not task_rows:
         return None  # plain-text data has no prompt/answer pairs to score
     if metric == "auto":
         return "json_match" if data_cfg.source == "demo" else "exact_match"

@@ -109,7 +109,7 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from qlora_lab import adapters, data, models
+    from qlora_lab import adapters, models, prepare
     from qlora_lab.config import CONF_DIR, register_configs, validate
     from qlora_lab.train import build_trainer
 
@@ -125,9 +125,10 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     with open_dict(cfg):
         cfg.output_dir = spec["output_dir"]
     validate(cfg)
-    train_ds, eval_ds = data.load_splits(cfg.data)
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
+    prepared = prepare.prepare(cfg, tokenizer)
+    train_ds, eval_ds = prepared.train, prepared.eval
     model = models.build_model(cfg.model, cfg.quant, model_path)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, Path(spec["output_dir"]))
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
