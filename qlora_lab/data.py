@@ -565,7 +565,7 @@ def _check_rows(converted, cfg: DictConfig, src: Source):
         raise UserError(f"{src.label}: the file holds no rows. Add at least a few examples.")
     skipped: list[dict[str, Any]] = []
     if n_bad:
-        bad = converted.select(pc.indices_nonzero(pc.equal(kinds, "error")).to_numpy())
+        bad = converted.select(pc.indices_nonzero(pc.equal(kinds, "error")).to_numpy().astype("int64"))
         first = bad[0]
         where = f"{src.label}:{first['row']}" if first["error"].startswith("malformed JSON") else \
             f"{src.label}, row {first['row']}"
@@ -582,5 +582,6 @@ def _check_rows(converted, cfg: DictConfig, src: Source):
                             "data.format / data.columns / data.roles), or raise data.max_bad_fraction.")
         log.warning("%s: %d of %d rows skipped (data.bad_rows=skip); first: %s", src.label, n_bad, n_rows, shown)
     if n_bad or n_blank:
-        converted = converted.select(pc.indices_nonzero(pc.is_in(kinds, pa.array(["chat", "text"]))).to_numpy())
+        usable = pc.is_in(kinds, pa.array(["chat", "text"]))
+        converted = converted.select(pc.indices_nonzero(usable).to_numpy().astype("int64"))
     return converted, skipped

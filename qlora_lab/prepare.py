@@ -90,9 +90,10 @@ def cache_key(cfg: DictConfig, tokenizer) -> str:
 
 
 def cache_dir() -> Path:
+    """Where prepared data is cached: ``$QLORA_LAB_DATA_CACHE``, else ``data/`` under the cache root."""
     from qlora_lab.models import cache_root
 
-    return cache_root() / "data"
+    return Path(os.environ.get("QLORA_LAB_DATA_CACHE") or cache_root() / "data")
 
 
 def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
@@ -136,6 +137,7 @@ def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
         shutil.rmtree(staging, ignore_errors=True)
     _log_dropped(stats, cfg)
     prepared = _load_entry(entry, task_samples)
+    prepared.from_cache = False
     log.info("Prepared data in %.1f s (cached as %s)", time.time() - started, entry)
     return prepared
 

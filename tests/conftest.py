@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from qlora_lab.config import register_configs
 from qlora_lab.config import CONF_DIR
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# prepared data of the tests' runs: a fresh cache per test session (the model cache stays shared)
+os.environ["QLORA_LAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="qlora-lab-data-cache-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 register_configs()
 

@@ -22,6 +22,8 @@ from tests.conftest import compose_train
 GROUPS = ["model", "quant", "adapter", "data", "trainer"]
 # options that need a companion setting to validate (the validator refuses them otherwise, tested below)
 REQUIRED = {"data/file": ["data.path=tests/data/prompt_completion.jsonl"], "data/hub": ["data.path=some/dataset"],
+            "data/mixture": ["data.sources=[{path: tests/data/prompt_completion.jsonl, weight: 0.6},"
+                             "{path: tests/data/messages.jsonl, weight: 0.4}]"],
             "adapter/full": ["quant=none"], "adapter/pissa": ["quant=none"], "adapter/olora": ["quant=none"]}
 
 

@@ -15,38 +15,46 @@ DATA = Path(__file__).parent / "data"
 
 
 def load(path, *extra):
+    """(train, held-out) rows of a data file, converted: each a list of {"messages", "train_from"} or {"text"}."""
     cfg = compose_train(["data=file", f"data.path={path}", *extra])
-    return data.load_splits(cfg.data)
+    splits = data.load_splits(cfg.data)
+    return rows(splits.train), rows(splits.eval)
+
+
+def rows(ds) -> list[dict]:
+    out = []
+    for r in ds.to_list():
+        out.append({"text": r["text"]} if r["chat"] is None else
+                   {"messages": json.loads(r["chat"]), "train_from": r["train_from"]})
+    return out
 
 
 def test_prompt_completion_jsonl_becomes_conversational_with_holdout():
     train, evals = load(DATA / "prompt_completion.jsonl", "data.eval_fraction=0.25")
     assert (len(train), len(evals)) == (12, 4)
     row = train[0]
-    assert row["prompt"][-1]["role"] == "user" and row["completion"] == [
-        {"role": "assistant", "content": row["completion"][0]["content"]}]
-    all_prompts = {r["prompt"][-1]["content"] for r in train} | {r["prompt"][-1]["content"] for r in evals}
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and row["train_from"] == 1
+    all_prompts = {r["messages"][0]["content"] for r in train} | {r["messages"][0]["content"] for r in evals}
     assert len(all_prompts) == 16  # nothing lost, nothing duplicated between splits
 
 
-def test_messages_split_before_last_assistant_turn():
+def test_messages_rows_keep_the_whole_conversation():
     train, evals = load(DATA / "messages.jsonl", "data.eval_fraction=0.2")
-    row = (train.to_list() + evals.to_list())[0]
-    assert [m["role"] for m in row["prompt"]] == ["system", "user"]
-    assert row["completion"][0]["role"] == "assistant"
+    row = (train + evals)[0]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"] and row["train_from"] == 0
 
 
 def test_instruction_json_joins_instruction_and_input():
     train, evals = load(DATA / "instruction.json", "data.system_prompt=You reverse words.")
-    row = train[0]
-    assert row["prompt"][0] == {"role": "system", "content": "You reverse words."}
-    assert row["prompt"][1]["content"].startswith("Reverse the word.\n\n")
-    assert row["completion"][0]["content"] == row["prompt"][1]["content"].split("\n\n")[1][::-1]
+    system, user, answer = train[0]["messages"]
+    assert system == {"role": "system", "content": "You reverse words."} and train[0]["train_from"] == 2
+    assert user["content"].startswith("Reverse the word.\n\n")
+    assert answer["content"] == user["content"].split("\n\n")[1][::-1]
 
 
 def test_csv_text_rows_stay_plain_text():
     train, _ = load(DATA / "text.csv")
-    assert train.column_names == ["text"] and train[0]["text"].startswith("Line")
+    assert all(set(r) == {"text"} for r in train) and train[0]["text"].startswith("Line")
 
 
 def test_parquet_and_column_renames(tmp_path):
@@ -55,7 +63,7 @@ def test_parquet_and_column_renames(tmp_path):
     rows = [json.loads(l) for l in (DATA / "wrong_columns.jsonl").read_text().splitlines()]
     pd.DataFrame(rows).to_parquet(tmp_path / "qa.parquet")
     train, evals = load(tmp_path / "qa.parquet", "data.columns={question:prompt,answer:completion}")
-    assert len(train) + len(evals) == 16 and "prompt" in train.column_names
+    assert len(train) + len(evals) == 16 and all("messages" in r for r in train)
 
 
 def test_explicit_eval_path_is_used_as_is():
@@ -82,8 +90,8 @@ def test_forced_format_with_missing_columns():
 @pytest.mark.parametrize("row, needle", [
     ({"prompt": "", "completion": "x"}, "field 'prompt' must be a non-empty string"),
     ({"prompt": "q", "completion": 3}, "field 'completion' must be a non-empty string"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "last message must be the assistant"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] has role 'robot'"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "nothing to answer"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]}, "nothing to answer"),
     ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, "'completion' must be a non-empty list"),
@@ -107,16 +115,18 @@ def test_trl_conversational_prompt_completion_rows(tmp_path):
            "completion": [{"role": "assistant", "content": "a"}]}
     path.write_text("\n".join(json.dumps(row) for _ in range(4)) + "\n")
     train, _ = load(path, "data.system_prompt=ignored: the row has its own")
-    assert train[0] == row
+    assert train[0] == {"messages": row["prompt"] + row["completion"], "train_from": 2}
 
 
 def test_hub_eval_path_is_a_split_of_the_same_dataset(monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "_load_hub", lambda cfg, path, split: calls.append((path, split)) or
-                        [{"prompt": f"q{i}", "completion": "a"} for i in range(3)])
+    from datasets import Dataset
+
+    monkeypatch.setattr(data, "_read_hub", lambda src, path, split, streaming: calls.append((path, split)) or
+                        Dataset.from_list([{"prompt": f"q{i}", "completion": "a"} for i in range(3)]))
     cfg = compose_train(["data=hub", "data.path=org/ds", "data.eval_path=test"])
-    train, evals = data.load_splits(cfg.data)
-    assert calls == [("org/ds", "train"), ("org/ds", "test")] and (len(train), len(evals)) == (3, 3)
+    splits = data.load_splits(cfg.data)
+    assert calls == [("org/ds", "train"), ("org/ds", "test")] and (len(splits.train), len(splits.eval)) == (3, 3)
 
 
 def test_empty_file_is_refused(tmp_path):
@@ -138,8 +148,8 @@ def test_demo_task_is_deterministic_and_heldout_vocabulary_is_disjoint():
 
 def test_demo_splits_through_the_loader():
     cfg = compose_train(["data.max_train_samples=10", "data.max_eval_samples=5"])
-    train, evals = data.load_splits(cfg.data)
-    assert (len(train), len(evals)) == (10, 5)
+    splits = data.load_splits(cfg.data)
+    assert (len(splits.train), len(splits.eval)) == (10, 5)
 
 
 @pytest.mark.parametrize("answer, ok", [
