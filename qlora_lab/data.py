@@ -122,14 +122,17 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def load_splits(cfg: DictConfig, num_proc: int | None = None) -> Splits:
-    """Train and held-out rows of every source (converted, not tokenized), mixed by weight for a mixture."""
+def load_splits(cfg: DictConfig, num_proc: int | None = None, scratch: Path | None = None) -> Splits:
+    """Train and held-out rows of every source (converted, not tokenized), mixed by weight for a mixture.
+
+    ``scratch``: where datasets keeps the Arrow copies of the raw files and of the converted rows (default: under
+    the cache root); prepare.py passes its staging folder, removed once the tokenized rows are written."""
     from qlora_lab.config import DataConfig
 
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)  # a run saved before a field existed: its default
     trains, evals, per_source, skipped = [], [], [], []
     for index, src in enumerate(sources(cfg)):
-        train, held, info, bad = _load_source(cfg, src, index, num_proc)
+        train, held, info, bad = _load_source(cfg, src, index, num_proc, scratch)
         trains.append(train)
         evals.append(held)
         per_source.append(info)
@@ -191,7 +194,7 @@ def task_rows(held, n: int) -> list[dict[str, Any]]:
 # one source
 
 
-def _load_source(cfg: DictConfig, src: Source, index: int, num_proc: int | None):
+def _load_source(cfg: DictConfig, src: Source, index: int, num_proc: int | None, scratch: Path | None):
     """(train, held-out, info, skipped rows) of one source."""
     if src.kind == "demo":
         n_train, n_eval = cfg.max_train_samples or 400, cfg.max_eval_samples or 48
@@ -203,14 +206,14 @@ def _load_source(cfg: DictConfig, src: Source, index: int, num_proc: int | None)
                 "skipped": 0, "train_rows": n_train, "eval_rows": n_eval}
         return train.select_columns(["chat", "train_from", "text", "source"]), \
             held.select_columns(["chat", "train_from", "text", "source"]), info, []
-    raw = _read(cfg, src, src.path, src.split)
+    raw = _read(src, src.path, src.split, scratch)
     fmt = detect_format(raw, src)
     procs = _procs(num_proc, len(raw))
     converted = _convert(raw, cfg, src, index, fmt, procs)
     good, skipped = _check_rows(converted, cfg, src)
     if src.eval_path:  # a split of the same dataset (hub), or another file
-        raw_eval = _read(cfg, src, src.path if src.kind == "hub" else src.eval_path,
-                         src.eval_path if src.kind == "hub" else src.split)
+        raw_eval = _read(src, src.path if src.kind == "hub" else src.eval_path,
+                         src.eval_path if src.kind == "hub" else src.split, scratch)
         label = src.label if src.kind == "hub" else str(Path(src.eval_path).expanduser())
         eval_src = Source(**{**src.__dict__, "label": label})
         detect_format(raw_eval, eval_src, fmt)
@@ -249,7 +252,7 @@ def _holdout(ds, fraction: float, seed: int, origin: str):
 # reading
 
 
-def _read(cfg: DictConfig, src: Source, path: str, split: str):
+def _read(src: Source, path: str, split: str, scratch: Path | None):
     """The raw rows of one file or hub split as a Dataset: a ``_line`` column for JSON files, columns otherwise."""
     if src.kind == "hub":
         return _read_hub(src, path, split, streaming=False)
@@ -264,14 +267,14 @@ def _read(cfg: DictConfig, src: Source, path: str, split: str):
     from datasets import load_dataset
 
     if suffix == ".jsonl":
-        ds = load_dataset("text", data_files=str(fp), split="train", cache_dir=_scratch())
+        ds = load_dataset("text", data_files=str(fp), split="train", cache_dir=_scratch(scratch))
         ds = ds.rename_column("text", LINE)
     elif suffix == ".json":
         rows = _read_json(fp)
         ds = Dataset.from_dict({LINE: [json.dumps(r, ensure_ascii=False) for r in rows]})
     else:
         try:
-            ds = load_dataset(suffix[1:], data_files=str(fp), split="train", cache_dir=_scratch())
+            ds = load_dataset(suffix[1:], data_files=str(fp), split="train", cache_dir=_scratch(scratch))
         except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many types for malformed files
             while (e.__cause__ or e.__context__) is not None:  # datasets wraps the parser's error, which has the row
                 e = e.__cause__ or e.__context__
@@ -283,11 +286,11 @@ def _read(cfg: DictConfig, src: Source, path: str, split: str):
     return ds
 
 
-def _scratch() -> str:
+def _scratch(scratch: Path | None) -> str:
     """datasets' cache for the raw files' Arrow copies (under qlora_lab's cache root, not ~/.cache/huggingface)."""
     from qlora_lab.models import cache_root
 
-    return str(cache_root() / "datasets")
+    return str(scratch or cache_root() / "datasets")
 
 
 def _read_hub(src: Source, path: str, split: str, streaming: bool):

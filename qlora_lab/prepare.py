@@ -108,7 +108,7 @@ def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp.", dir=entry.parent))
     try:
-        splits = data.load_splits(cfg.data, cfg.data.num_proc)
+        splits = data.load_splits(cfg.data, cfg.data.num_proc, staging / "raw")
         probe = encode.template_probe(tokenizer)
         _check_template(tokenizer, splits)
         train = _encode(splits.train, tokenizer, cfg, probe, staging / "train.arrow", ())
@@ -126,6 +126,7 @@ def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         write_json_atomic(staging / "meta.json", stats)
         del train, held, splits
+        shutil.rmtree(staging / "raw", ignore_errors=True)  # the raw files' and converted rows' Arrow copies
         if entry.exists() and not cfg.data.cache:
             shutil.rmtree(entry, ignore_errors=True)  # data.cache=false: this preparation replaces the old one
         try:

@@ -254,3 +254,37 @@ def test_bad_files_end_in_one_error_line_from_the_cli(tmp_path, content):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(path) in errors[0]
+
+
+def test_a_template_that_refuses_a_conversation_is_one_error(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 3)
+    template = tokenizer.chat_template
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    try:
+        with pytest.raises(UserError, match=r"chat template refuses a conversation .*System role not supported.*"
+                                            r"roles \['system', 'user'"):
+            prepared(tokenizer, path, "data.eval_fraction=0.34")
+    finally:
+        tokenizer.chat_template = template
+
+
+@pytest.mark.integration
+def test_training_on_multi_turn_chats_streamed_and_cached(tmp_path, captured):
+    """A chat file trains through the CLI's train(): streamed (2 steps), then prepared (from the cache the second
+    time); the trainer's rows carry the labels prepare() made."""
+    from qlora_lab.train import train
+    from tests.conftest import TINY
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 12)
+    base = [*TINY, "data=file", f"data.path={path}", "trainer.max_steps=2"]
+    streamed = train(compose_train([*base, "data.streaming=true", "data.max_eval_samples=2"], tmp_path / "s"))
+    assert streamed["status"] == "completed" and streamed["global_step"] == 2 and streamed["train_rows"] is None
+    first = train(compose_train(base, tmp_path / "a"))
+    again = train(compose_train(base, tmp_path / "b"))
+    assert (first["data_from_cache"], again["data_from_cache"]) == (False, True)
+    trainer = captured["trainer"]
+    row = trainer.train_dataset[0]
+    spans = encode.trained_spans(row["input_ids"], row["labels"], trainer.processing_class)
+    assert spans == ["Uno.<|im_end|>\n", "Dos.<|im_end|>\n", "Tres.<|im_end|>\n"]
+    assert json.loads((tmp_path / "b" / "data.json").read_text())["train_rows"] == len(trainer.train_dataset)
