@@ -58,7 +58,7 @@ TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 LINE = "_line"  # the column of raw JSON lines
 # converted columns (the "kind" of a row: chat, text, blank (an empty line, dropped), error)
-CONVERTED = ("kind", "chat", "train_from", "text", "row", "error", "raw", "source")
+CONVERTED = ("kind", "chat", "train_from", "text", "row", "error", "raw", "source", "dropped_turns")
 SMALL = 20_000  # fewer rows than this are converted in this process (worker processes cost ~1 s to start)
 
 
@@ -436,7 +436,7 @@ def _convert_batch(batch: dict[str, list], indices: list[int], fmt: str, system:
     names = list(batch)
     for j, i in enumerate(indices):
         raw, row = None, None
-        kind, chat, train_from, text, error = "chat", None, 0, None, None
+        kind, chat, train_from, text, error, dropped = "chat", None, 0, None, None, 0
         try:
             if is_lines:
                 raw = batch[LINE][j]
@@ -456,7 +456,7 @@ def _convert_batch(batch: dict[str, list], indices: list[int], fmt: str, system:
             if fmt == "text":
                 kind, text = "text", _text(row, "text")
             else:
-                messages, train_from = convert_row(row, fmt, system, keys, roles)
+                messages, train_from, dropped = convert_row(row, fmt, system, keys, roles)
                 chat = json.dumps(messages, ensure_ascii=False)
         except StopIteration:
             pass
@@ -473,6 +473,7 @@ def _convert_batch(batch: dict[str, list], indices: list[int], fmt: str, system:
         out["error"].append(error)
         out["raw"].append(raw if kind == "error" else None)
         out["source"].append(index)
+        out["dropped_turns"].append(dropped)
     return out
 
 
@@ -514,8 +515,10 @@ def _messages(value: Any, field_name: str, keys: dict, roles: dict) -> list[dict
 
 
 def convert_row(row: dict[str, Any], fmt: str, system: str | None, keys: dict | None = None,
-                roles: dict | None = None) -> tuple[list[dict[str, Any]], int]:
-    """(messages, index of the first message that may be trained) for one row; :class:`RowError` if it cannot."""
+                roles: dict | None = None) -> tuple[list[dict[str, Any]], int, int]:
+    """(messages, index of the first message that may be trained, trailing turns dropped after the last answer)
+    for one row; :class:`RowError` if it cannot."""
+    dropped = 0
     keys = keys or {"messages": "messages", "role": "role", "content": "content"}
     roles = roles or {}
     if fmt in ("messages", "sharegpt"):
@@ -528,7 +531,8 @@ def convert_row(row: dict[str, Any], fmt: str, system: str | None, keys: dict | 
         if last is None:
             raise RowError(f"no assistant message in {column!r} (roles {[m['role'] for m in messages]}): nothing to "
                            "train on")
-        messages = messages[: last + 1]  # turns after the last answer teach nothing (counted by the encoder)
+        dropped = len(messages) - last - 1
+        messages = messages[: last + 1]  # turns after the last answer teach nothing
         train_from = 0
     elif fmt == "instruction":
         user = _text(row, "instruction")
@@ -552,7 +556,7 @@ def convert_row(row: dict[str, Any], fmt: str, system: str | None, keys: dict | 
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
         train_from += 1
-    return messages, train_from
+    return messages, train_from, dropped
 
 
 def _check_rows(converted, cfg: DictConfig, src: Source):

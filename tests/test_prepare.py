@@ -117,14 +117,16 @@ def test_custom_role_and_key_names(tokenizer, tmp_path):
     assert trained_texts(tokenizer, p.train) == [["Hello.<|im_end|>\n"]] * 2
 
 
-def test_trailing_user_turns_are_dropped_and_tool_turns_pass_through(tokenizer, tmp_path):
+def test_trailing_user_turns_are_dropped_and_tool_turns_pass_through(tokenizer, tmp_path, caplog):
     tool_chat = [{"role": "user", "content": "Weather?"},
                  {"role": "assistant", "content": "", "tool_calls": [
                      {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
                  {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "It rains."},
                  {"role": "user", "content": "Thanks"}]
-    p = prepared(tokenizer, write_jsonl(tmp_path / "t.jsonl", [{"messages": tool_chat}] * 3),
-                 "data.eval_fraction=0.34")
+    with caplog.at_level(logging.WARNING, logger="qlora_lab.data"):
+        p = prepared(tokenizer, write_jsonl(tmp_path / "t.jsonl", [{"messages": tool_chat}] * 3),
+                     "data.eval_fraction=0.34")
+    assert "3 conversation(s) end after their last assistant answer" in caplog.text  # said once, with the count
     text = tokenizer.decode(p.train[0]["input_ids"])
     assert "Thanks" not in text and "rain" in text  # the trailing user turn went; the tool turn stayed
     assert trained_texts(tokenizer, p.train)[0][-1] == "It rains.<|im_end|>\n"
