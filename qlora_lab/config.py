@@ -414,6 +414,44 @@ class ChatRunConfig:
     stream: bool = True
 
 
+@dataclass
+class HubConfig:
+    """Where `qlora-lab export format=hub` uploads (the token comes from $HF_TOKEN only)."""
+
+    # The repository, user/name or org/name; created when missing.
+    repo: Optional[str] = None
+    # Create the repository private.
+    private: bool = False
+    # What to upload: "adapter" (the adapter folder, at the top), "merged" (the merged model, in merged/), "gguf"
+    # (the .gguf files of an earlier `export format=gguf`, in gguf/).
+    include: list[str] = field(default_factory=lambda: ["adapter"])
+
+
+@dataclass
+class ExportRunConfig:
+    """Primary config of `qlora-lab export` (conf/export.yaml)."""
+
+    # A completed run directory (its adapter is merged first, as `qlora-lab merge` does; an earlier <run>/merged with
+    # the same base is reused) — or `merged`, a merged model folder. Exactly one of the two.
+    run: Optional[str] = None
+    merged: Optional[str] = None
+    # "gguf" (llama.cpp / LM Studio), "ollama" (GGUF + Modelfile) or "hub" (upload to the Hugging Face Hub).
+    format: str = "gguf"
+    # GGUF types to write: "f16", "bf16", "q8_0", "f32".
+    types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    # Output folder; null = <run>/export (or export/ next to the merged folder).
+    out: Optional[str] = None
+    # File name stem (<name>-<type>.gguf); null = the run folder's name.
+    name: Optional[str] = None
+    # Merge base when a run is merged first: "auto", "original" or "nf4_roundtrip" (see MergeRunConfig.base).
+    base: str = "auto"
+    # Held-out prompts of the run on which each GGUF read back is compared with the merged model.
+    check_prompts: int = 8
+    # Tokens of each greedy answer compared side by side.
+    max_new_tokens: int = 32
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
 # `qlora-lab prepare` / `inspect`: the train config (same groups and overrides) plus what inspect shows. Built from
 # TrainRunConfig's fields rather than subclassing it, so the commands share fields, not behaviour.
 PrepareRunConfig = dataclasses.make_dataclass(
@@ -431,6 +469,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="prepare_schema", node=PrepareRunConfig)
     cs.store(name="merge_schema", node=MergeRunConfig)
+    cs.store(name="export_schema", node=ExportRunConfig)
     cs.store(name="chat_schema", node=ChatRunConfig)
     cs.store(name="bench_schema", node=BenchRunConfig)
 

@@ -165,6 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(run_dir / "metrics.json", metrics)
     write_text_atomic(run_dir / "report.md", report.run_report(cfg, metrics))
     log.info("Run complete: %s", run_dir)
+    _log_serving(cfg, run_dir)
     return metrics
 
 
@@ -305,6 +306,19 @@ def _setup_tracking(args, run_dir: Path) -> None:
             # MLflow 3 refuses its file store unless allowed; it needs no server or database, so it is the offline
             # default here. Point MLFLOW_TRACKING_URI at sqlite:///... or a server to use those instead.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def _log_serving(cfg: DictConfig, run_dir: Path) -> None:
+    """How to use the run next: merge/export, and vLLM's command for serving the adapter as it is."""
+    from qlora_lab.export import vllm_serving
+
+    base = str(cfg.model.name_or_path)
+    if base.startswith("builtin:"):
+        base = models.resolve_model_path(base)
+    command, why = vllm_serving(run_dir, base)
+    log.info("Next: qlora-lab chat run=%s | qlora-lab merge run=%s | qlora-lab export run=%s format=gguf", run_dir,
+             run_dir, run_dir)
+    log.info("Serve with vLLM: %s", command or f"not as an adapter ({why})")
 
 
 def _task_metric(data_cfg: DictConfig, task_rows: list) -> str | None:
