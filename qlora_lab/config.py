@@ -337,7 +337,7 @@ class BenchRunConfig:
 class MergeRunConfig:
     """Primary config of `qlora-lab merge` (conf/merge.yaml)."""
 
-    # The run directory of a completed `qlora-lab train` (holds .hydra/, adapter/, metrics.json).
+    # The run directory of a completed `qlora-lab train` (holds config.yaml, adapter/, metrics.json).
     run: str = MISSING
     # Where to write the merged model; null = <run>/merged. Written to a temp folder and renamed when complete.
     out: Optional[str] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,9 @@ def app_cfg(name: str, overrides: list[str]) -> DictConfig:
 def trained_run(tmp_path_factory, name: str, overrides: list[str]) -> Path:
     run = tmp_path_factory.mktemp(name)
     train(compose_train([*QUICK, *overrides], run))
-    (run / ".hydra").mkdir(exist_ok=True)  # what the Hydra shell writes; compose() here gives the same config
-    from omegaconf import OmegaConf
-    OmegaConf.save(compose_train([*QUICK, *overrides], run), run / ".hydra" / "config.yaml")
+    # a run made through the Python API has no .hydra/ (only the Hydra shell writes it): merge and chat must not
+    # need it (they read config.yaml and metrics.json, which train() writes)
+    assert not (run / ".hydra").exists()
     return run
 
 
@@ -141,6 +142,14 @@ def finished_run_dir(folder: Path, overrides: list[str]) -> Path:
     (folder / "adapter").mkdir()
     (folder / "adapter" / ("config.json" if "adapter=full" in overrides else "adapter_config.json")).write_text("{}")
     return folder
+
+
+def test_chat_on_an_interrupted_run_says_it_is_incomplete(tmp_path):
+    run = finished_run_dir(tmp_path / "run", [])
+    (run / "metrics.json").write_text(json.dumps({"status": "preempted"}))  # config.yaml and metrics.json, no .hydra/
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(UserError, match="is incomplete .* Resume it"):
+        chat_mod.chat(app_cfg("chat", [f"run={run}", "prompt=Hi"]))
 
 
 REFUSALS = {  # run's train overrides, merge overrides, what the message must say (the field, the fix)
