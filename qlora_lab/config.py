@@ -344,6 +344,7 @@ class MergeRunConfig:
     # Base weights the adapter is merged into: "original" (the checkpoint's own weights), "nf4_roundtrip" (the
     # base quantized and dequantized exactly as in training — what the adapter actually saw), or "auto"
     # (nf4_roundtrip for 4-bit runs, original otherwise; README "Merge" shows how to compare them on a run).
+    # "original" is refused for adapter.init=loftq runs: their adapter already holds the original − 4-bit difference.
     base: str = "auto"
     # dtype of the saved weights: "bfloat16", "float16" or "float32". The merge itself runs in float32.
     dtype: str = "bfloat16"

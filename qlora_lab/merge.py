@@ -49,6 +49,13 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     if base == "nf4_roundtrip" and not four_bit:
         raise UserError(f"base=nf4_roundtrip: run {run.dir} trained on quant={run.cfg.quant.method}, not a 4-bit "
                         "base, so there is no quantization to round-trip. Use base=original.")
+    if base == "original" and run.method == "lora" and run.cfg.adapter.get("init") == "loftq":
+        # peft's replace_lora_weights_loftq leaves the 4-bit base as it is and starts B·A at the quantization error
+        # W − Q(W) of each layer, so the adapter already holds a correction towards the original weights
+        raise UserError(f"base=original: run {run.dir} trained adapter.init=loftq, whose adapter starts as the 4-bit "
+                        "quantization error of each layer (the original weights minus their NF4 version); merged "
+                        "into the original weights that correction would count twice. Use base=nf4_roundtrip (what "
+                        "base=auto picks for this run): the weights the adapter was trained against.")
     out = Path(cfg.out).expanduser() if cfg.out else run.dir / "merged"
 
     trained, tokenizer = load_trained(run)

@@ -157,6 +157,9 @@ REFUSALS = {  # run's train overrides, merge overrides, what the message must sa
     "bad-dtype": ([], ["dtype=int8"], ["dtype='int8'", "use one of bfloat16, float16, float32"]),
     "nf4_roundtrip-without-4bit": (["quant=none"], ["base=nf4_roundtrip"],
                                    ["base=nf4_roundtrip", "trained on quant=none", "Use base=original"]),
+    # LoftQ needs CUDA, so its run is a fabricated folder (the refusal reads only the run's config)
+    "loftq-on-original": (["adapter=loftq"], ["base=original"],
+                          ["base=original", "adapter.init=loftq", "would count twice", "Use base=nf4_roundtrip"]),
     "full-fine-tune": (["adapter=full", "quant=none"], [], ["was a full fine-tune", "{run}/adapter already is a "
                                                             "standalone model"]),  # the fix: use that folder as is
 }
