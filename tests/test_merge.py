@@ -92,6 +92,37 @@ def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp
     assert json.loads((tmp_path / "rt" / "merge_info.json").read_text())["check"] == rt["check"]
 
 
+def test_nf4_roundtrip_merge_is_the_trained_base_plus_the_adapter_exactly(qlora_run, tmp_path):
+    """Every merged weight: what the trained model computes with — its 4-bit layers' dequantized weights plus
+    scale·B·A where adapted, its own copies elsewhere (model.dtype, not the checkpoint's float32 originals)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from qlora_lab.runs import load_run, load_trained
+
+    merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'm'}", "dtype=float32"]))
+    merged = load_file(tmp_path / "m/model.safetensors")
+    trained, _ = load_trained(load_run(qlora_run))
+    expected = {}
+    for name, module in trained.named_modules():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            assert isinstance(base, bnb.nn.Linear4bit), name
+            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+            a, b = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+            expected[key] = weight + (b @ a) * module.scaling["default"]
+    for name, param in trained.named_parameters():
+        key = name.removeprefix("base_model.model.")
+        if "lora_" not in name and ".base_layer." not in name:
+            expected[key] = param.detach().float()
+    assert merged.keys() <= expected.keys() and len(merged) > 10
+    for key, tensor in merged.items():
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, expected[key], rtol=0, atol=1e-6), (key, (tensor - expected[key]).abs().max())
+
+
 def test_prefix_adapter_is_refused_and_nothing_is_written(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, "prefix", ["adapter=prefix"])
     with pytest.raises(UserError, match="adapter=prefix, which adds virtual tokens"):
