@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,6 +100,68 @@ def test_a_non_finite_step_is_skipped_and_the_weights_stay_finite(tmp_path, monk
             assert torch.isfinite(tensor).all(), (ckpt, name)
 
 
+class ChildOutput:
+    """A child process's output, read on a thread: waiting for a line keeps its deadline whether the child prints
+    a lot, nothing, or hangs (a loop over proc.stdout checks a deadline only when a line arrives)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seen: list[str] = []
+        self._done = False
+        self._reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output
+
+    def _next(self, timeout: float) -> str | None:
+        line = self._lines.get(timeout=timeout)
+        if line is None:
+            self._done = True
+        else:
+            self._seen.append(line)
+        return line
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        """Whether a line containing ``needle`` arrives within ``timeout`` seconds (False at the end of output)."""
+        deadline = time.monotonic() + timeout
+        while not self._done and (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._next(left)
+            except queue.Empty:
+                return False
+            if line is not None and needle in line:
+                return True
+        return False
+
+    def text(self, timeout: float = 30) -> str:
+        """Everything read so far, and the rest once the child has closed its output (up to ``timeout`` s)."""
+        self._reader.join(timeout)
+        while not self._done:
+            try:
+                self._next(0)
+            except queue.Empty:
+                break
+        return "".join(self._seen)
+
+
+def test_waiting_for_a_child_line_keeps_its_deadline_when_the_child_goes_silent():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        output = ChildOutput(proc)
+        assert output.wait_for("started", timeout=60)
+        assert not output.wait_for("'loss'", timeout=2)
+        assert time.monotonic() - started < 30  # not the child's 120 s
+    finally:
+        proc.kill()
+        proc.wait()
+    assert output.text() == "started\n"
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     run = tmp_path / "run"
     common = [sys.executable, "-m", "qlora_lab", "train",
@@ -108,12 +172,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     args = [*common, "trainer.max_steps=500"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    for line in proc.stdout:  # wait until training is under way
-        if "'loss'" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    output = ChildOutput(proc)
+    try:
+        if not output.wait_for("'loss'", timeout=300):  # training under way
+            pytest.fail("no training step was logged within 300 s:\n" + output.text()[-2000:])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = output.text()
     assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "preempted" and metrics["signal"] == "SIGTERM"
