@@ -19,18 +19,25 @@ from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.runs import load_run, load_trained
 
 
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a `qlora-lab train` run: train() writes config.yaml and metrics.json there whether it was
+    called by the command line or from Python (only the command line adds .hydra/, which older runs alone have).
+    One of them is enough to call it a run, so that load_run can say what an interrupted one lacks."""
+    return any((folder / f).is_file() for f in ("config.yaml", "metrics.json")) or (folder / ".hydra").is_dir()
+
 
 def load_chat_model(path: str):
     """(model, tokenizer) for a run directory or a merged/saved model folder."""
     folder = Path(path).expanduser()
-    if (folder / ".hydra").is_dir():
+    if is_run_dir(folder):
         return load_trained(load_run(folder))
     if (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=models.device_map())
         return model.eval(), AutoTokenizer.from_pretrained(folder)
-    raise UserError(f"run={path!r} is neither a run directory (with .hydra/) nor a model folder (with config.json).")
+    raise UserError(f"run={path!r} is neither a run directory (with config.yaml and metrics.json) nor a model folder "
+                    "(with config.json).")
 
 
 @torch.no_grad()

@@ -377,13 +377,14 @@ class BenchRunConfig:
 class MergeRunConfig:
     """Primary config of `qlora-lab merge` (conf/merge.yaml)."""
 
-    # The run directory of a completed `qlora-lab train` (holds .hydra/, adapter/, metrics.json).
+    # The run directory of a completed `qlora-lab train` (holds config.yaml, adapter/, metrics.json).
     run: str = MISSING
     # Where to write the merged model; null = <run>/merged. Written to a temp folder and renamed when complete.
     out: Optional[str] = None
     # Base weights the adapter is merged into: "original" (the checkpoint's own weights), "nf4_roundtrip" (the
     # base quantized and dequantized exactly as in training — what the adapter actually saw), or "auto"
     # (nf4_roundtrip for 4-bit runs, original otherwise; README "Merge" shows how to compare them on a run).
+    # "original" is refused for adapter.init=loftq runs: their adapter already holds the original − 4-bit difference.
     base: str = "auto"
     # dtype of the saved weights: "bfloat16", "float16" or "float32". The merge itself runs in float32.
     dtype: str = "bfloat16"

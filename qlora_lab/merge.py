@@ -1,14 +1,17 @@
 """`qlora-lab merge`: fold a run's adapter into its base and save a standalone transformers model.
 
 Reads the run's own config to know base model, quantization and adapter; never merges into 4-bit weights: the base
-is reloaded in float32 (optionally with the exact NF4/FP4-dequantized weights the adapter was trained against),
+is reloaded in float32 (or the 4-bit base of the run dequantized: the exact weights the adapter was trained against),
 merged in float32 by peft, cast to ``dtype`` and saved as safetensors with tokenizer, chat template, generation
 config and a model card. After every merge it prints how closely the merged model reproduces the trained model
-(base in training precision + adapter) on held-out prompts.
+(base in training precision + adapter) on held-out prompts. The trained model's logits on those prompts are taken
+first, so that one model is in memory at a time (the trained one, then the float32 one; the logits cost prompt
+tokens x vocabulary x 4 bytes).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from pathlib import Path
@@ -22,7 +25,8 @@ from qlora_lab import models
 from qlora_lab.config import CONF_DIR, register_configs
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir
-from qlora_lab.runs import PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained
+from qlora_lab.runs import (PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained,
+                             prompt_logits)
 
 log = logging.getLogger(__name__)
 BASES = ("auto", "original", "nf4_roundtrip")
@@ -49,12 +53,26 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     if base == "nf4_roundtrip" and not four_bit:
         raise UserError(f"base=nf4_roundtrip: run {run.dir} trained on quant={run.cfg.quant.method}, not a 4-bit "
                         "base, so there is no quantization to round-trip. Use base=original.")
+    if base == "original" and run.method == "lora" and run.cfg.adapter.get("init") == "loftq":
+        # peft's replace_lora_weights_loftq leaves the 4-bit base as it is and starts B·A at the quantization error
+        # W − Q(W) of each layer, so the adapter already holds a correction towards the original weights
+        raise UserError(f"base=original: run {run.dir} trained adapter.init=loftq, whose adapter starts as the 4-bit "
+                        "quantization error of each layer (the original weights minus their NF4 version); merged "
+                        "into the original weights that correction would count twice. Use base=nf4_roundtrip (what "
+                        "base=auto picks for this run): the weights the adapter was trained against.")
     out = Path(cfg.out).expanduser() if cfg.out else run.dir / "merged"
 
     trained, tokenizer = load_trained(run)
-    merged = merged_model(run, trained, base)
+    prompts = heldout_prompts(run, cfg.check_prompts)
+    # The trained model's logits first, so that only one model is in memory at a time: its own 4-bit base then
+    # becomes the float32 merge base (nf4_roundtrip), or it is freed before the original weights are loaded.
+    reference = prompt_logits(trained, tokenizer, prompts)
+    float_base = dequantized_base(trained) if base == "nf4_roundtrip" else None
+    del trained
+    gc.collect()
+    merged = merged_model(run, float_base)
     merged.to(SAVE_DTYPES[cfg.dtype])
-    check = compare_logits(trained, merged.eval(), tokenizer, heldout_prompts(run, cfg.check_prompts))
+    check = compare_logits(reference, merged.eval(), tokenizer, prompts)
     log.info("Merged (base=%s, saved as %s) vs trained model (%s base + adapter) on %d held-out prompts: "
              "max |Δlogit| = %.4g, top-1 agreement = %.2f%%", base, cfg.dtype, run.cfg.quant.method, check["prompts"],
              check["max_abs_logit_delta"], 100 * check["top1_agreement"])
@@ -70,39 +88,47 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-def merged_model(run: Run, trained, base: str):
-    """float32 base (original or NF4/FP4 round-tripped) with the adapter merged in by peft."""
+def merged_model(run: Run, float_base=None):
+    """The adapter merged by peft into ``float_base`` (a float32 model on the CPU), by default the original
+    weights loaded in float32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    path = models.resolve_model_path(run.cfg.model.name_or_path)
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
-                                                revision=run.cfg.model.revision,
-                                                trust_remote_code=run.cfg.model.trust_remote_code)
-    if base == "nf4_roundtrip":
-        _copy_dequantized_base(trained, fp32)
-    return PeftModel.from_pretrained(fp32, run.adapter_dir).merge_and_unload()
+    if float_base is None:
+        float_base = AutoModelForCausalLM.from_pretrained(models.resolve_model_path(run.cfg.model.name_or_path),
+                                                          dtype=torch.float32, device_map={"": "cpu"},
+                                                          revision=run.cfg.model.revision,
+                                                          trust_remote_code=run.cfg.model.trust_remote_code)
+    return PeftModel.from_pretrained(float_base, run.adapter_dir).merge_and_unload()
 
 
-def _copy_dequantized_base(trained, fp32) -> None:
-    """Overwrite each quantized layer of ``fp32`` with the dequantized weights of the trained 4-bit model.
+def dequantized_base(trained):
+    """The trained model's own 4-bit base, dequantized in place by transformers, in float32 on the CPU: the weights
+    its 4-bit layers computed with in training, without loading the base a second time.
 
-    That is bit for bit what the 4-bit layers computed with in training (bitsandbytes dequantizes before its
-    matmul), so the adapter is merged into the weights it actually learned against.
+    peft's unload() puts each adapted layer's base layer back (the 4-bit weights untouched). transformers'
+    PreTrainedModel.dequantize (integrations/bitsandbytes.py dequantize_and_replace) then replaces each Linear4bit
+    with a Linear holding ``bnb.functional.dequantize_4bit`` of its weight, which is what bitsandbytes' 4-bit
+    matmul computes with in training, one layer at a time. dequantize_4bit returns the dtype the weight was
+    quantized from (quant_state.dtype, the run's model.dtype), so nothing is lost before the float32 cast. The layers that were
+    never quantized (embeddings, norms, usually the LM head) are the run's own copies in model.dtype, as trained.
+    The 4-bit base is moved to the CPU first, so that GPU memory never holds a dequantized model (bitsandbytes'
+    CPU and CUDA dequantization compute the same table lookup times block scale; bit-equality with a GPU run was
+    not checked here, the after-merge check would show a difference).
     """
     import bitsandbytes as bnb
 
-    n = 0
-    for name, module in trained.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        target = name.removeprefix("base_model.model.").removesuffix(".base_layer")
-        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        fp32.get_submodule(target).weight.data.copy_(weight.to(torch.float32).cpu())
-        n += 1
+    base = trained.unload()
+    n = sum(1 for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
     if n == 0:
         raise RuntimeError("no 4-bit layers found in the trained model")
-    log.info("nf4_roundtrip: replaced %d layers with their dequantized training weights", n)
+    if base.device.type != "cpu":
+        base.to("cpu")
+    base.dequantize()
+    base.to(torch.float32)
+    base.config.use_cache = True  # models.build_model turns the KV cache off for training; the merged model generates
+    log.info("nf4_roundtrip: %d layers dequantized to the weights they trained with", n)
+    return base
 
 
 def model_card(run: Run, info: dict) -> str:

@@ -90,15 +90,24 @@ def heldout_prompts(run: Run, n: int) -> list:
     return (prompts or fallback)[:n]
 
 
+def _token_ids(tokenizer, prompt) -> torch.Tensor:
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
+        if isinstance(prompt, list) else prompt
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
-def compare_logits(reference, candidate, tokenizer, prompts: list) -> dict:
-    """max |Δlogit| and top-1 agreement of ``candidate`` vs ``reference`` over every position of ``prompts``."""
+def prompt_logits(model, tokenizer, prompts: list) -> list[torch.Tensor]:
+    """``model``'s float32 logits at every position of each prompt, on the CPU (prompt tokens x vocabulary each)."""
+    return [model(input_ids=_token_ids(tokenizer, p).to(model.device)).logits.float().cpu() for p in prompts]
+
+
+@torch.no_grad()
+def compare_logits(reference: list[torch.Tensor], candidate, tokenizer, prompts: list) -> dict:
+    """max |Δlogit| and top-1 agreement of ``candidate`` vs the ``reference`` logits (prompt_logits) of ``prompts``."""
     max_delta, agree, total = 0.0, 0, 0
-    for p in prompts:
-        text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        a = reference(input_ids=ids.to(reference.device)).logits.float().cpu()
-        b = candidate(input_ids=ids.to(candidate.device)).logits.float().cpu()
+    for a, prompt in zip(reference, prompts, strict=True):
+        b = prompt_logits(candidate, tokenizer, [prompt])[0]
         max_delta = max(max_delta, (a - b).abs().max().item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[1]

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, checkpoints, models
 from qlora_lab.config import DEPRECATED_TRAINER_ALIASES
 from qlora_lab.errors import UserError
 
@@ -102,6 +103,32 @@ class QloraSFTTrainer(SFTTrainer):
             want = self._trainable_dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)
+
+    def _save_checkpoint(self, model, trial):
+        # Trainer._save_checkpoint (transformers 5.24) writes weights, optimizer, scheduler, scaler and RNG state,
+        # then trainer_state.json (what marks a checkpoint complete), then deletes checkpoints beyond
+        # save_total_limit; it fsyncs none of it. So trainer_state.json is written only once the files before it
+        # are on disk, and it and the folder are synced before an older checkpoint can be deleted
+        # (qlora_lab/checkpoints.py).
+        state, write_state = self.state, self.state.save_to_json
+
+        def write_state_after_the_files(json_path: str) -> None:
+            folder = Path(json_path).parent
+            checkpoints.fsync_tree(folder)
+            write_state(json_path)
+            checkpoints.fsync_path(Path(json_path))
+            checkpoints.fsync_path(folder)
+            checkpoints.fsync_path(folder.parent)  # the checkpoint-N entry itself
+
+        state.save_to_json = write_state_after_the_files
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del state.save_to_json  # back to TrainerState's own method
+        rng_state = (Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                     / f"rng_state_{self.args.process_index}.pth")
+        if not self.args.should_save and rng_state.is_file():  # another rank's own file, maybe written after the sync
+            checkpoints.fsync_path(rng_state)
 
     def _get_train_sampler(self, train_dataset=None):
         lengths = None

@@ -8,7 +8,8 @@ Run directory (``cfg.output_dir``, Hydra's runtime output dir by default)::
     config.yaml        the run's resolved config, written when its training first starts; a resume must match it
     .hydra/            the latest invocation's config and overrides (written by Hydra)
     environment.json   package versions, git commit, seed, hardware, allocator
-    checkpoints/       trainer checkpoints; rerunning into the same dir resumes from the newest complete one
+    checkpoints/       trainer checkpoints; rerunning into the same dir resumes from the newest complete one whose
+                       files all open (checkpoints/unusable/: the ones a resume passed over, kept)
     adapter/           adapter_model.safetensors, adapter_config.json, tokenizer (written atomically)
     metrics.json       the numbers (written last; "status" says completed or failed)
     report.md          the same, for people
@@ -32,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, allocator, estimate, kernels, models, prepare, report, task
+from qlora_lab import adapters, allocator, checkpoints, estimate, kernels, models, prepare, report, task
 from qlora_lab.config import CONF_DIR, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -48,13 +49,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
-    resume = _last_checkpoint(run_dir / "checkpoints")
+    resume, unusable = _resume_point(run_dir / "checkpoints", cfg.trainer.save_only_model)
     _check_rerun(cfg, run_dir, resume)  # before anything in the run dir is written
+    if unusable and resume is None:
+        raise _no_usable_checkpoint(run_dir / "checkpoints", unusable)
     _log_allocator(cfg.allocator)
     started = time.time()
     _reset_peak_mem()
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes run artifacts
     if main_process:
+        _set_aside(unusable)
         write_json_atomic(run_dir / "environment.json", environment(cfg))
 
     # ---- setup: the tokenizer and the data first (the most common source of user errors), then the model
@@ -102,14 +106,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result = trainer.train(resume_from_checkpoint=resume)
     except Diverged as e:
         if main_process:
+            last = _last_checkpoint(run_dir / "checkpoints", cfg.trainer.save_only_model)
             write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "failed", "error": str(e),
                                                          "global_step": trainer.state.global_step,
-                                                         "last_checkpoint": _last_checkpoint(run_dir / "checkpoints")})
+                                                         "last_checkpoint": last})
         raise
     finally:
         guard.restore_signal_handlers()
     if guard.preempted_by:
-        checkpoint = _last_checkpoint(run_dir / "checkpoints")
+        checkpoint = _last_checkpoint(run_dir / "checkpoints", cfg.trainer.save_only_model)
         if main_process:
             write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "preempted", "signal": guard.preempted_by,
                                                          "global_step": trainer.state.global_step,
@@ -330,21 +335,57 @@ def _task_metric(data_cfg: DictConfig, task_rows: list) -> str | None:
     return metric
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint-N folder that was completely written, or None.
-
-    The Trainer writes trainer_state.json after the weights, optimizer and RNG state, so a folder without it
-    (a save interrupted by a crash or kill -9) is skipped with a warning.
-    """
+def _checkpoint_folders(folder: Path) -> list[Path]:
+    """The checkpoint-N folders in ``folder``, newest first."""
     if not folder.is_dir():
-        return None
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in found:
-        if (ckpt / "trainer_state.json").is_file():
-            return str(ckpt)
-        log.warning("Skipping incomplete checkpoint %s (no trainer_state.json)", ckpt)
-    return None
+        return []
+    return sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def _last_checkpoint(folder: Path, model_only: bool = False) -> str | None:
+    """The newest checkpoint-N folder a resume can use, or None.
+
+    A folder whose save was interrupted (no trainer_state.json: the Trainer writes it last) or that holds a missing
+    or damaged file (checkpoints.problem: e.g. a weights file cut short by a full disk) is passed over.
+    """
+    return _resume_point(folder, model_only)[0]
+
+
+def _resume_point(folder: Path, model_only: bool) -> tuple[str | None, dict[Path, str]]:
+    """(the newest usable checkpoint or None, {each newer unusable checkpoint: what is wrong with it})."""
+    unusable: dict[Path, str] = {}
+    for ckpt in _checkpoint_folders(folder):
+        why = checkpoints.problem(ckpt, model_only)
+        if why is None:
+            return str(ckpt), unusable
+        unusable[ckpt] = why
+        log.warning("Checkpoint %s cannot be resumed from: %s. Trying the one before it.", ckpt, why)
+    return None, unusable
+
+
+def _no_usable_checkpoint(folder: Path, unusable: dict[Path, str]) -> UserError:
+    found = "; ".join(f"{ckpt.name}: {why}" for ckpt, why in unusable.items())
+    return UserError(f"no checkpoint in {folder} can be resumed from ({found}). Nothing was changed. Fix: restore "
+                     f"a checkpoint folder from a backup, or move {folder} away to train this run from the start, "
+                     "or train into a new folder (another hydra.run.dir).")
+
+
+UNUSABLE = "unusable"  # checkpoints/unusable/: checkpoints a resume passed over, kept for inspection
+
+
+def _set_aside(unusable: dict[Path, str]) -> None:
+    """Move checkpoints a resume passed over into checkpoints/unusable/: the resumed run would otherwise save into
+    the same checkpoint-N folder over their leftover files, and a save interrupted there could pass for complete.
+    Nothing is deleted. (Outside the checkpoint-* names, so the Trainer's save_total_limit rotation ignores them.)"""
+    for ckpt, why in unusable.items():
+        target = ckpt.parent / UNUSABLE / ckpt.name
+        n = 1
+        while target.exists():
+            target, n = ckpt.parent / UNUSABLE / f"{ckpt.name}.{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(ckpt, target)
+        log.warning("Moved %s (%s) to %s", ckpt, why, target)
 
 
 def _tokens_seen(checkpoint: str | None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,9 @@ def app_cfg(name: str, overrides: list[str]) -> DictConfig:
 def trained_run(tmp_path_factory, name: str, overrides: list[str]) -> Path:
     run = tmp_path_factory.mktemp(name)
     train(compose_train([*QUICK, *overrides], run))
-    (run / ".hydra").mkdir(exist_ok=True)  # what the Hydra shell writes; compose() here gives the same config
-    from omegaconf import OmegaConf
-    OmegaConf.save(compose_train([*QUICK, *overrides], run), run / ".hydra" / "config.yaml")
+    # a run made through the Python API has no .hydra/ (only the Hydra shell writes it): merge and chat must not
+    # need it (they read config.yaml and metrics.json, which train() writes)
+    assert not (run / ".hydra").exists()
     return run
 
 
@@ -91,6 +92,37 @@ def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp
     assert json.loads((tmp_path / "rt" / "merge_info.json").read_text())["check"] == rt["check"]
 
 
+def test_nf4_roundtrip_merge_is_the_trained_base_plus_the_adapter_exactly(qlora_run, tmp_path):
+    """Every merged weight: what the trained model computes with — its 4-bit layers' dequantized weights plus
+    scale·B·A where adapted, its own copies elsewhere (model.dtype, not the checkpoint's float32 originals)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from qlora_lab.runs import load_run, load_trained
+
+    merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'm'}", "dtype=float32"]))
+    merged = load_file(tmp_path / "m/model.safetensors")
+    trained, _ = load_trained(load_run(qlora_run))
+    expected = {}
+    for name, module in trained.named_modules():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            assert isinstance(base, bnb.nn.Linear4bit), name
+            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+            a, b = module.lora_A["default"].weight.float(), module.lora_B["default"].weight.float()
+            expected[key] = weight + (b @ a) * module.scaling["default"]
+    for name, param in trained.named_parameters():
+        key = name.removeprefix("base_model.model.")
+        if "lora_" not in name and ".base_layer." not in name:
+            expected[key] = param.detach().float()
+    assert merged.keys() <= expected.keys() and len(merged) > 10
+    for key, tensor in merged.items():
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, expected[key], rtol=0, atol=1e-6), (key, (tensor - expected[key]).abs().max())
+
+
 def test_prefix_adapter_is_refused_and_nothing_is_written(tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, "prefix", ["adapter=prefix"])
     with pytest.raises(UserError, match="adapter=prefix, which adds virtual tokens"):
@@ -120,12 +152,13 @@ def test_chat_gives_the_same_greedy_tokens_from_the_run_and_its_merged_folder(fp
     assert from_run == from_merged and len(from_run) > 0
 
 
-def test_chat_sampling_is_seeded(fp32_run):
+def test_chat_sampling_is_drawn_from_its_seed(fp32_run):
     common = [f"run={fp32_run}", "prompt=Hi", "max_new_tokens=8", "stream=false", "do_sample=true", "temperature=1.5"]
-    first = chat_mod.chat(app_cfg("chat", [*common, "seed=1"]))
-    assert first == chat_mod.chat(app_cfg("chat", [*common, "seed=1"]))
+    samples = [chat_mod.chat(app_cfg("chat", [*common, f"seed={s}"])) for s in range(1, 6)]
+    assert chat_mod.chat(app_cfg("chat", [*common, "seed=1"])) == samples[0]  # the same seed: the same answer
+    assert len(set(samples)) == len(samples), samples  # each seed its own draw: none ignored or replaced
     greedy = chat_mod.chat(app_cfg("chat", [f"run={fp32_run}", "prompt=Hi", "max_new_tokens=8", "stream=false"]))
-    assert {chat_mod.chat(app_cfg("chat", [*common, f"seed={s}"])) for s in range(2, 6)} != {greedy}
+    assert greedy not in samples  # and they are samples, not the greedy answer
 
 
 def finished_run_dir(folder: Path, overrides: list[str]) -> Path:
@@ -143,11 +176,22 @@ def finished_run_dir(folder: Path, overrides: list[str]) -> Path:
     return folder
 
 
+def test_chat_on_an_interrupted_run_says_it_is_incomplete(tmp_path):
+    run = finished_run_dir(tmp_path / "run", [])
+    (run / "metrics.json").write_text(json.dumps({"status": "preempted"}))  # config.yaml and metrics.json, no .hydra/
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(UserError, match="is incomplete .* Resume it"):
+        chat_mod.chat(app_cfg("chat", [f"run={run}", "prompt=Hi"]))
+
+
 REFUSALS = {  # run's train overrides, merge overrides, what the message must say (the field, the fix)
     "bad-base": ([], ["base=nf4"], ["base='nf4'", "use one of auto, original, nf4_roundtrip"]),
     "bad-dtype": ([], ["dtype=int8"], ["dtype='int8'", "use one of bfloat16, float16, float32"]),
     "nf4_roundtrip-without-4bit": (["quant=none"], ["base=nf4_roundtrip"],
                                    ["base=nf4_roundtrip", "trained on quant=none", "Use base=original"]),
+    # LoftQ needs CUDA, so its run is a fabricated folder (the refusal reads only the run's config)
+    "loftq-on-original": (["adapter=loftq"], ["base=original"],
+                          ["base=original", "adapter.init=loftq", "would count twice", "Use base=nf4_roundtrip"]),
     "full-fine-tune": (["adapter=full", "quant=none"], [], ["was a full fine-tune", "{run}/adapter already is a "
                                                             "standalone model"]),  # the fix: use that folder as is
 }

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,7 +20,7 @@ from safetensors.torch import load_file
 from qlora_lab import train as train_mod
 from qlora_lab.sft import EXIT_PREEMPTED, Diverged, QloraSFTTrainer
 from tests.conftest import TINY, compose_train
-from tests.test_cli import ROOT, TINY_CLI
+from tests.test_cli import ROOT, TINY_CLI, assert_clean_failure, run_cli
 
 pytestmark = pytest.mark.integration
 RUN = [*TINY, "trainer.max_steps=4", "trainer.save_steps=2", "score_before=false", "data.task_eval_samples=0",
@@ -96,6 +100,68 @@ def test_a_non_finite_step_is_skipped_and_the_weights_stay_finite(tmp_path, monk
             assert torch.isfinite(tensor).all(), (ckpt, name)
 
 
+class ChildOutput:
+    """A child process's output, read on a thread: waiting for a line keeps its deadline whether the child prints
+    a lot, nothing, or hangs (a loop over proc.stdout checks a deadline only when a line arrives)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seen: list[str] = []
+        self._done = False
+        self._reader = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output
+
+    def _next(self, timeout: float) -> str | None:
+        line = self._lines.get(timeout=timeout)
+        if line is None:
+            self._done = True
+        else:
+            self._seen.append(line)
+        return line
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        """Whether a line containing ``needle`` arrives within ``timeout`` seconds (False at the end of output)."""
+        deadline = time.monotonic() + timeout
+        while not self._done and (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._next(left)
+            except queue.Empty:
+                return False
+            if line is not None and needle in line:
+                return True
+        return False
+
+    def text(self, timeout: float = 30) -> str:
+        """Everything read so far, and the rest once the child has closed its output (up to ``timeout`` s)."""
+        self._reader.join(timeout)
+        while not self._done:
+            try:
+                self._next(0)
+            except queue.Empty:
+                break
+        return "".join(self._seen)
+
+
+def test_waiting_for_a_child_line_keeps_its_deadline_when_the_child_goes_silent():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        output = ChildOutput(proc)
+        assert output.wait_for("started", timeout=60)
+        assert not output.wait_for("'loss'", timeout=2)
+        assert time.monotonic() - started < 30  # not the child's 120 s
+    finally:
+        proc.kill()
+        proc.wait()
+    assert output.text() == "started\n"
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     run = tmp_path / "run"
     common = [sys.executable, "-m", "qlora_lab", "train",
@@ -106,12 +172,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(tmp_path):
     args = [*common, "trainer.max_steps=500"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    for line in proc.stdout:  # wait until training is under way
-        if "'loss'" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    output = ChildOutput(proc)
+    try:
+        if not output.wait_for("'loss'", timeout=300):  # training under way
+            pytest.fail("no training step was logged within 300 s:\n" + output.text()[-2000:])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = output.text()
     assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "preempted" and metrics["signal"] == "SIGTERM"
@@ -144,3 +215,93 @@ def test_disk_full_while_saving_keeps_the_previous_results(tmp_path, monkeypatch
     assert {p: p.read_bytes() for p in before} == before  # earlier adapter and metrics intact
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no half-written folder left
     assert first["status"] == "completed"
+
+
+# ---- damaged checkpoints (a full disk, or a machine crash before the page cache reached the disk)
+
+CRASHED = [*RUN, "trainer.max_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def crashed_run(tmp_path_factory):
+    """A run that saved checkpoint-2 and checkpoint-4, then crashed in step 5. Tests damage a copy of it."""
+    run = tmp_path_factory.mktemp("crashed") / "run"
+    real_step = QloraSFTTrainer.training_step
+
+    def crash_in_step_5(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("simulated crash after checkpoint-4")
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(QloraSFTTrainer, "training_step", crash_in_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(compose_train(CRASHED, run))
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return run
+
+
+def cut_short(path) -> int:
+    """Truncate ``path`` to half its size, as a save that ran out of disk leaves it; return the new size."""
+    size = path.stat().st_size // 2
+    os.truncate(path, size)
+    return size
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt"])
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(crashed_run, tmp_path, monkeypatch, caplog,
+                                                                   damaged):
+    run = tmp_path / "run"
+    shutil.copytree(crashed_run, run)
+    size = cut_short(run / "checkpoints/checkpoint-4" / damaged)
+    real_step, trained_steps = QloraSFTTrainer.training_step, []
+
+    def counting_step(self, *args, **kwargs):
+        trained_steps.append(self.state.global_step)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(QloraSFTTrainer, "training_step", counting_step)
+    with caplog.at_level(logging.WARNING, logger="qlora_lab.train"):
+        metrics = train_mod.train(compose_train(CRASHED, run))  # the same command again: no traceback
+    assert metrics["status"] == "completed" and metrics["resumed_from"].endswith("checkpoint-2")
+    assert trained_steps == [2, 3, 4, 5] and metrics["global_step"] == 6
+    warning = next(r.getMessage() for r in caplog.records if "cannot be resumed from" in r.getMessage())
+    assert "checkpoint-4" in warning and f"{damaged} is damaged" in warning, warning
+    # the damaged folder is kept, out of the Trainer's way; the resumed run wrote a sound checkpoint-4 of its own
+    assert (run / "checkpoints/unusable/checkpoint-4" / damaged).stat().st_size == size
+    from qlora_lab import checkpoints
+
+    assert checkpoints.problem(run / "checkpoints/checkpoint-4") is None
+
+
+def test_no_usable_checkpoint_is_one_error_and_nothing_is_changed(crashed_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(crashed_run, run)
+    cut_short(run / "checkpoints/checkpoint-4/adapter_model.safetensors")
+    cut_short(run / "checkpoints/checkpoint-2/optimizer.pt")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli("train", *TINY_CLI, f"hydra.run.dir={run}")
+    assert_clean_failure(proc, f"error: no checkpoint in {run / 'checkpoints'} can be resumed from",
+                         "checkpoint-4: adapter_model.safetensors is damaged", "checkpoint-2: optimizer.pt is damaged",
+                         f"move {run / 'checkpoints'} away to train this run from the start")
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == proc.stderr.splitlines()[-1:]
+    assert {p: p.read_bytes() for p in before} == before and not (run / "checkpoints/unusable").exists()
+
+
+def test_checkpoint_files_are_on_disk_before_trainer_state_marks_them_complete(tmp_path, monkeypatch):
+    synced = []  # (path, trainer_state.json of checkpoint-2 existed at that moment)
+    state = tmp_path / "checkpoints/checkpoint-2/trainer_state.json"
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), state.exists()))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    train_mod.train(compose_train([*RUN, "trainer.max_steps=2"], tmp_path))
+    folder = state.parent
+    files = {str(p) for p in folder.rglob("*") if p.is_file()}
+    before_mark = {path for path, marked in synced if not marked}
+    assert files - {str(state)} <= before_mark, files - before_mark  # every file synced before the mark exists
+    after_mark = [path for path, marked in synced if marked]
+    assert str(state) in after_mark and str(folder) in after_mark and str(folder.parent) in after_mark

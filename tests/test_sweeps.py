@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -100,13 +101,27 @@ def test_optuna_sweep_of_three_trials_returns_a_best_value(tmp_path):
     assert write_report(sweep)["best"]["eval_loss"] == pytest.approx(result["best_value"])
 
 
+# every log line of the sweep's own process (hydra_logging) and of each job (job_logging) names its process id
+PID_LOGGING = [f'hydra.{which}.formatters.simple.format="[pid %(process)d] %(message)s"'
+               for which in ("hydra_logging", "job_logging")]
+
+
+def logged_pids(text: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"^\[pid (\d+)\] ", text, re.MULTILINE)}
+
+
 def test_submitit_local_runs_each_job_in_its_own_process(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("train", "-m", "launcher=local", *TINY_CLI, "data.task_eval_samples=0", "adapter.r=4,8",
-                   f"hydra.sweep.dir={sweep}")
+                   *PID_LOGGING, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["status"] for m in jobs(sweep)] == ["completed", "completed"]
     assert (sweep / ".submitit").is_dir() and (sweep / "sweep_report.md").is_file()
+    launcher = logged_pids(proc.stdout + proc.stderr)
+    job_pids = [logged_pids(next((sweep / str(n)).glob("*.log")).read_text()) for n in (0, 1)]
+    assert len(launcher) == 1 and all(len(p) == 1 for p in job_pids), (launcher, job_pids)
+    first, second = (p.pop() for p in job_pids)
+    assert first != second and not {first, second} & launcher, (launcher, first, second)
 
 
 def test_report_command_on_a_folder_without_jobs_fails_clearly(tmp_path):

@@ -291,11 +291,29 @@ def test_batching_modes_train_and_padding_free_keeps_max_length_and_row_boundari
         assert trainer.args.train_sampling_strategy == "random"
 
 
-def test_default_batching_groups_rows_by_length(tmp_path, captured):
+def test_default_batching_groups_rows_by_length_in_an_order_drawn_from_the_seed(tmp_path, captured):
     train_mod.train(compose_train([*TINY, "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
                                    "trainer.save_strategy=no"], tmp_path))
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
     trainer = captured["trainer"]
     assert trainer.args.train_sampling_strategy == "group_by_length"
-    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    sampler = trainer._get_train_sampler()
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert list(sampler.lengths) == lengths
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))
+    # transformers' grouping: megabatches of min(rows // (4 x batch), 50) batches (here 2 x 4 rows), each sorted
+    # longest first; only a megabatch's first row may be swapped (the longest row of all goes first)
+    size = max(1, min(len(lengths) // 16, 50)) * 4
+    assert len(lengths) >= 2 * size  # several megabatches: their make-up depends on the random draw
+    for start in range(0, len(order), size):
+        group = [lengths[i] for i in order[start:start + size]][1:]
+        assert group == sorted(group, reverse=True), (start, group)
+    # the order is drawn from (seed, epoch) alone, so that a resumed run skips exactly the batches it trained:
+    # whatever drew from the global RNG in between (the before-training evaluation on a fresh run) changes nothing
+    torch.manual_seed(1234)
+    torch.rand(100)
+    assert list(sampler) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order  # each epoch its own order
+    sampler.set_epoch(0)
+    assert list(sampler) == order
