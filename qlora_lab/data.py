@@ -588,6 +588,10 @@ def _check_rows(converted, cfg: DictConfig, src: Source):
                             f"data.max_bad_fraction={cfg.max_bad_fraction}. First: {shown}. Fix the data (or check "
                             "data.format / data.columns / data.roles), or raise data.max_bad_fraction.")
         log.warning("%s: %d of %d rows skipped (data.bad_rows=skip); first: %s", src.label, n_bad, n_rows, shown)
+    trimmed = pc.sum(pc.greater(converted.data.column("dropped_turns"), 0)).as_py() or 0
+    if trimmed:
+        log.warning("%s: %d conversation(s) end after their last assistant answer (user or tool turns): those "
+                    "trailing turns are dropped (nothing to train on in them)", src.label, trimmed)
     if n_bad or n_blank:
         usable = pc.is_in(kinds, pa.array(["chat", "text"]))
         converted = converted.select(pc.indices_nonzero(usable).to_numpy().astype("int64"))

@@ -222,13 +222,13 @@ def check_gguf(merged_dir: Path, path: Path, prompts: list, max_new_tokens: int)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_lab import task
-    from qlora_lab.runs import compare_logits
+    from qlora_lab.runs import compare_logits, prompt_logits
 
     reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": "cpu"}).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     candidate = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      device_map={"": "cpu"}).eval()
-    numbers = compare_logits(reference, candidate, tokenizer, prompts)
+    numbers = compare_logits(prompt_logits(reference, tokenizer, prompts), candidate, tokenizer, prompts)
     answers_ref = task.generate_answers(reference, tokenizer, prompts, max_new_tokens)
     answers_gguf = task.generate_answers(candidate, tokenizer, prompts, max_new_tokens)
     meta = gguf_metadata(path)

@@ -29,6 +29,21 @@ def tokenizer():
 
 
 @pytest.fixture
+def logs(caplog):
+    """caplog attached to qlora_lab's loggers themselves (Hydra's logging setup in other tests may stop them from
+    propagating to the root logger, where caplog listens)."""
+    loggers = [logging.getLogger(n) for n in ("qlora_lab.data", "qlora_lab.prepare")]
+    saved = [(lg.propagate, lg.level) for lg in loggers]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+        logger.propagate, logger.level = False, logging.INFO  # each record reaches caplog once
+    yield caplog
+    for logger, (propagate, level) in zip(loggers, saved):
+        logger.removeHandler(caplog.handler)
+        logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_LAB_DATA_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
@@ -117,16 +132,15 @@ def test_custom_role_and_key_names(tokenizer, tmp_path):
     assert trained_texts(tokenizer, p.train) == [["Hello.<|im_end|>\n"]] * 2
 
 
-def test_trailing_user_turns_are_dropped_and_tool_turns_pass_through(tokenizer, tmp_path, caplog):
+def test_trailing_user_turns_are_dropped_and_tool_turns_pass_through(tokenizer, tmp_path, logs):
     tool_chat = [{"role": "user", "content": "Weather?"},
                  {"role": "assistant", "content": "", "tool_calls": [
                      {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
                  {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "It rains."},
                  {"role": "user", "content": "Thanks"}]
-    with caplog.at_level(logging.WARNING, logger="qlora_lab.data"):
-        p = prepared(tokenizer, write_jsonl(tmp_path / "t.jsonl", [{"messages": tool_chat}] * 3),
-                     "data.eval_fraction=0.34")
-    assert "3 conversation(s) end after their last assistant answer" in caplog.text  # said once, with the count
+    p = prepared(tokenizer, write_jsonl(tmp_path / "t.jsonl", [{"messages": tool_chat}] * 3),
+                 "data.eval_fraction=0.34")
+    assert logs.text.count("3 conversation(s) end after their last assistant answer") == 1  # said once, with the count
     text = tokenizer.decode(p.train[0]["input_ids"])
     assert "Thanks" not in text and "rain" in text  # the trailing user turn went; the tool turn stayed
     assert trained_texts(tokenizer, p.train)[0][-1] == "It rains.<|im_end|>\n"
@@ -176,13 +190,13 @@ def test_non_utf8_and_binary_files_are_one_error(tmp_path, content, needle):
         data.load_splits(compose_train(["data=file", f"data.path={path}"]).data)
 
 
-def test_cache_is_reused_and_invalidated_by_template_and_max_length(tokenizer, tmp_path, fresh_cache, caplog):
+def test_cache_is_reused_and_invalidated_by_template_and_max_length(tokenizer, tmp_path, fresh_cache, logs):
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 6)
     first = prepared(tokenizer, path)
     assert not first.from_cache
-    with caplog.at_level(logging.INFO, logger="qlora_lab.prepare"):
-        again = prepared(tokenizer, path)
-    assert "Prepared data from cache" in caplog.text and again.from_cache
+    logs.clear()
+    again = prepared(tokenizer, path)
+    assert "Prepared data from cache" in logs.text and again.from_cache
     assert again.train.to_dict() == first.train.to_dict()
     entries = lambda: sorted(p.name for p in fresh_cache.iterdir() if not p.name.startswith("."))  # noqa: E731
     assert len(entries()) == 1
