@@ -256,7 +256,8 @@ def selective_loss_supported(model_config, adapter_method: str) -> str | None:
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
-    # the head's dtype, as autocast would give it (IA3 on a 4-bit base hands over float32 hidden states)
+    # the head's dtype, as autocast would give it (the final hidden states can be float32, e.g. with a float32 adapter
+    # output added to the residual stream)
     return F.cross_entropy(F.linear(hidden.to(weight.dtype), weight, bias).float(), targets, reduction="sum")
 
 
