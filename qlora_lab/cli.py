@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
               "`pip install -e .` (make does), or run `python -m qlora_lab` there.", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
+    rest = _unknown_keys_to_validator(command, rest)
     if command == "train":
         from qlora_lab.distributed import shared_run_dir
 
@@ -50,6 +51,32 @@ def main(argv: list[str] | None = None) -> None:
     _check_run_dir(rest)
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
     module.main()
+
+
+def _unknown_keys_to_validator(command: str, argv: list[str]) -> list[str]:
+    """``adapter.alhpa=64`` (a key the schema lacks) becomes ``+adapter.alhpa=64``: composed, it is reported by the
+    command's validator with every other problem and the closest field, one `error:` and exit 2 (Hydra's own
+    composition error would stop at this key and suggest the `+`). Only Hydra's positional overrides are touched,
+    not the values of its flags (``-cn train``) nor shell completion's subcommand (``-sc install=bash``)."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser: the same split as Hydra's
+
+    from qlora_lab.config import appendable_overrides
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # --version and malformed flags: Hydra reports them itself
+        return argv
+    if args.shell_completion:  # -sc install=bash: the "overrides" are its subcommand
+        return argv
+    overrides = args.overrides
+    rewritten = iter(zip(overrides, appendable_overrides(command, overrides)))
+    pending = next(rewritten, None)
+    out = []
+    for arg in argv:
+        if pending is not None and arg == pending[0]:
+            arg, pending = pending[1], next(rewritten, None)
+        out.append(arg)
+    return out
 
 
 def _check_run_dir(overrides: list[str]) -> None:

@@ -70,6 +70,11 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     (["data=file"], ["data.path is required"]),
     (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
     (["allocator=mimaloc"], ["allocator='mimaloc' is not one of", "Did you mean 'mimalloc'"]),
+    # keys outside the schema, appended (+) or not: one list, the closest field, exit 2 (not SFTConfig's TypeError)
+    (["+adapter.alhpa=64", "trainer.learning_rte=1e-4", "+model._target_=os.system"],
+     ["3 problem(s)", "adapter.alhpa: no such setting in adapter", "Did you mean adapter.alpha? Fix: adapter.alpha=64",
+      "trainer.learning_rte: no such setting in trainer", "Did you mean trainer.learning_rate?",
+      "model._target_: no such setting in model"]),
 ])
 def test_config_errors(tmp_path, args, needles):
     run = tmp_path / "run"
@@ -92,7 +97,6 @@ def test_data_errors(tmp_path, file, needles):
 @pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("override, needles", [
     ("trainer.max_steps=abc", ["trainer.max_steps=abc", "could not be converted to Integer"]),
-    ("trainer.learning_rte=1e-4", ["learning_rte"]),
     ("adapter=lorra", ["lorra", "Available options"]),
 ])
 def test_bad_overrides(tmp_path, override, needles):
