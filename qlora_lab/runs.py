@@ -70,7 +70,7 @@ def load_trained(run: Run):
     base = models.build_model(run.cfg.model, run.cfg.quant, path)
     # The adapter keeps the dtype it was trained and saved in (bf16 on a 4-bit base) instead of being upcast.
     model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=run.cfg.quant.method == "none")
-    adapters.keep_ia3_output_dtype(model)  # peft's IA3 on a bitsandbytes base returns float32 otherwise
+    adapters.fix_bnb_adapter_layers(model)  # IA3's output dtype, DoRA's int8 scales (see adapters.py)
     return model.eval(), tokenizer
 
 

@@ -66,3 +66,22 @@ def test_accepted_pair_trains_a_step(tmp_path, adapter, quant):
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     assert metrics["skipped_updates"] == 0
     assert metrics["task_score_after"] is not None and len(metrics["examples"]) == 1
+
+
+@pytest.mark.integration
+def test_dora_on_an_int8_base_gives_the_same_output_on_every_forward():
+    """peft's DoRA re-wraps a CPU int8 weight each forward, which lost bitsandbytes' row scales (adapters.py)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_lab import adapters, models
+
+    cfg = compose_train(["model=tiny-random", "quant=int8"])
+    path = models.resolve_model_path(cfg.model.name_or_path)
+    model = get_peft_model(models.build_model(cfg.model, cfg.quant, path),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert adapters.keep_int8_scales(model) > 0
+    ids = torch.tensor([[1, 520, 3300, 42, 17, 998, 205, 2]])
+    with torch.no_grad():
+        outputs = [model(input_ids=ids).logits for _ in range(3)]
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
