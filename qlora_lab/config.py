@@ -610,6 +610,32 @@ def _sharding_problems(problems: list[str], cfg: DictConfig) -> None:
             "quant.compute_dtype=bfloat16.")
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # 0 without CUDA (it does not initialise CUDA)
+
+
+def _data_parallel_problems(problems: list[str], cfg: DictConfig) -> None:
+    """One process that sees several GPUs: refused, with the launch that works.
+
+    transformers' TrainingArguments gives a process started without torchrun/accelerate (no LOCAL_RANK) n_gpu = every
+    visible GPU, and Trainer._wrap_model would then wrap an unquantized model in ``nn.DataParallel`` (one replica per
+    GPU on a slice of the batch: the selective loss's hook on the shared LM head holds the whole batch's label mask).
+    TRL 1.16's SFTTrainer refuses any n_gpu > 1 right after Trainer.__init__ (trl/trainer/sft_trainer.py: "does not
+    support `nn.DataParallel`"), for quantized models too, with a ValueError traceback after the model has loaded.
+    DDP (one process per GPU) is what works, and is faster.
+    """
+    if "LOCAL_RANK" in os.environ:
+        return
+    n = _visible_gpus()
+    if n > 1:
+        problems.append(f"{n} GPUs are visible to this one process: transformers' Trainer would drive them all with "
+                        "torch.nn.DataParallel, which TRL's SFTTrainer and qlora_lab's loss do not support. Launch one "
+                        f"process per GPU: torchrun --nproc_per_node={n} -m qlora_lab train <the same overrides>; or "
+                        "train on one GPU: CUDA_VISIBLE_DEVICES=0 qlora-lab train ...")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise one :class:`ConfigError` listing every problem found."""
     p: list[str] = unknown_key_problems(cfg, TrainRunConfig)
@@ -650,6 +676,7 @@ def validate(cfg: DictConfig) -> None:
     if q.quant_storage is not None:
         _choice(p, "quant.quant_storage", q.quant_storage, DTYPES)
     _sharding_problems(p, cfg)  # FSDP / DeepSpeed ZeRO-3 (from the launcher's environment or trainer.*)
+    _data_parallel_problems(p, cfg)
 
     # adapter
     _choice(p, "adapter.method", a.method, ADAPTER_METHODS)

@@ -192,6 +192,13 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
                     "own modules.", cfg.kernels)
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
+    if args.n_gpu > 1:
+        # The validator refuses this from the visible GPU count; TrainingArguments' own count decides here (our
+        # device_map keeps the whole model on one device, so the Trainer does not reset it to 1 for model parallelism),
+        # before TRL's SFTTrainer raises its ValueError about DataParallel.
+        raise UserError(f"one process with {args.n_gpu} GPUs would train with torch.nn.DataParallel, which TRL's "
+                        f"SFTTrainer and qlora_lab do not support. Launch torchrun --nproc_per_node={args.n_gpu} -m "
+                        "qlora_lab train <the same overrides>, or set CUDA_VISIBLE_DEVICES to one GPU.")
     with warnings.catch_warnings():
         # TRL 1.16 deprecates use_liger_kernel for the Hub's `kernels`, which are downloaded at run time; Liger from
         # pip also works offline, so it stays the switch here.

@@ -246,6 +246,29 @@ def test_cli_flags_and_known_keys_are_left_to_hydra():
     assert appendable_overrides("train", ["adapter.alhpa=1", "foo.bar=2"]) == ["+adapter.alhpa=1", "+foo.bar=2"]
 
 
+@pytest.mark.parametrize("quant, env, refused", [
+    ("none", {}, True),                  # one process, 2 GPUs, unquantized: the Trainer would use DataParallel
+    ("nf4", {}, True),                   # not wrapped, but TRL's SFTTrainer refuses any n_gpu > 1 (a traceback)
+    ("none", {"LOCAL_RANK": "0"}, False),  # torchrun / accelerate: one GPU per process (DDP)
+])
+def test_one_process_on_several_gpus_is_refused_where_dataparallel_would_run(monkeypatch, quant, env, refused):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from qlora_lab.config import _data_parallel_problems
+
+    cfg = compose_train(["model=tiny-random", f"quant={quant}"])
+    problems: list[str] = []
+    _data_parallel_problems(problems, cfg)  # (validate() under LOCAL_RANK would start torch.distributed)
+    assert bool(problems) == refused
+    if refused:
+        with pytest.raises(ConfigError, match=re.escape("torchrun --nproc_per_node=2 -m qlora_lab train")):
+            validate(cfg)
+
+
 # ---- multi-GPU launch: the accelerate configs (conf/accelerate/*.yml) and what the validator refuses under them
 
 ACCELERATE_DIR = Path(CONF_DIR) / "accelerate"

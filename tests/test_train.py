@@ -299,3 +299,16 @@ def test_default_batching_groups_rows_by_length(tmp_path, captured):
     trainer = captured["trainer"]
     assert trainer.args.train_sampling_strategy == "group_by_length"
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_a_trainer_that_would_use_dataparallel_is_refused_at_build(tmp_path, monkeypatch):
+    """The Trainer's own GPU count (TrainingArguments.n_gpu) decides at build, whatever the validator saw."""
+    from trl import SFTConfig
+
+    from qlora_lab.errors import UserError
+
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 2))
+    with pytest.raises(UserError, match="torch.nn.DataParallel.*torchrun --nproc_per_node=2"):
+        train_mod.train(compose_train([*TINY, "quant=none", "score_before=false", "data.task_eval_samples=0"],
+                                      tmp_path))
+    assert not (tmp_path / "adapter").exists()
