@@ -448,7 +448,9 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
 def _log_allocator(requested: str) -> None:
     want, have = allocator.resolve(requested), allocator.active()
     if want == have:
-        log.info("C allocator: %s (allocator=%s)", have, requested)
+        log.info("C allocator: %s (allocator=%s)%s", have, requested,
+                 "; pip install 'qlora-lab[mimalloc]' for mimalloc, less peak memory on CPU"
+                 if requested == "auto" and allocator.auto_lacks_mimalloc() else "")
     else:
         log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when a process "
                     "starts. `qlora-lab train` re-executes itself with the one given on its command line (not one "
