@@ -312,3 +312,30 @@ def test_a_trainer_that_would_use_dataparallel_is_refused_at_build(tmp_path, mon
         train_mod.train(compose_train([*TINY, "quant=none", "score_before=false", "data.task_eval_samples=0"],
                                       tmp_path))
     assert not (tmp_path / "adapter").exists()
+
+
+def test_gradient_accumulation_equals_the_same_global_batch_with_the_selective_loss(tmp_path, captured):
+    """4 rows x 2 accumulated micro-batches and 8 rows in one batch: the same losses and the same adapter (the
+    selective loss divides each micro-batch's sum by the whole step's label count, as the model's own loss does).
+    float32 throughout and no dropout, so that the only difference is how the batch is split."""
+    from safetensors.torch import load_file
+
+    def run(name, batch, accumulate):
+        cfg = compose_train([*TINY, "quant=none", "model.dtype=float32", "trainer.bf16=false", "adapter.dropout=0",
+                             "loss=selective", "batching=shuffled", "trainer.max_steps=2", "trainer.warmup_steps=0",
+                             f"trainer.per_device_train_batch_size={batch}",
+                             f"trainer.gradient_accumulation_steps={accumulate}", "score_before=false",
+                             "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path / name)
+        metrics = train_mod.train(cfg)
+        assert captured["trainer"].loss_impl == "selective"
+        losses = [h["loss"] for h in captured["trainer"].state.log_history if "loss" in h]
+        return losses, metrics["eval_loss"], load_file(tmp_path / name / "adapter/adapter_model.safetensors")
+
+    (losses_ga, eval_ga, adapter_ga), (losses_one, eval_one, adapter_one) = run("ga", 4, 2), run("one", 8, 1)
+    assert len(losses_ga) == len(losses_one) == 2
+    assert losses_ga == pytest.approx(losses_one, rel=1e-5)
+    assert eval_ga == pytest.approx(eval_one, rel=1e-5)
+    assert adapter_ga.keys() == adapter_one.keys()
+    for key in adapter_ga:
+        torch.testing.assert_close(adapter_ga[key], adapter_one[key], rtol=1e-4, atol=1e-6)
+    assert any(adapter_one[k].abs().sum() > 0 for k in adapter_one if "lora_B" in k)  # the adapter did train
