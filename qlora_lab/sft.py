@@ -126,7 +126,11 @@ class QloraSFTTrainer(SFTTrainer):
         if self.loss_impl == "fused":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
-        if self.loss_impl == "native" or return_outputs:  # evaluation wants the logits: the model's own loss
+        # return_outputs: the caller wants the logits, which only the model's own forward gives. TRL 1.16's
+        # prediction_step asks for them only when the evaluation needs more than the loss (compute_metrics set;
+        # transformers' evaluate() passes prediction_loss_only=True otherwise), so a default evaluation takes the
+        # selective path like training (test_evaluation_takes_the_lean_loss_path_and_gives_the_models_own_loss).
+        if self.loss_impl == "native" or return_outputs:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return self._selective_loss(model, inputs, num_items_in_batch)
 

@@ -339,3 +339,29 @@ def test_gradient_accumulation_equals_the_same_global_batch_with_the_selective_l
     for key in adapter_ga:
         torch.testing.assert_close(adapter_ga[key], adapter_one[key], rtol=1e-4, atol=1e-6)
     assert any(adapter_one[k].abs().sum() > 0 for k in adapter_one if "lora_B" in k)  # the adapter did train
+
+
+def test_evaluation_takes_the_lean_loss_path_and_gives_the_models_own_loss(tmp_path, captured):
+    """Trainer.evaluate() without compute_metrics asks only for the loss (transformers passes prediction_loss_only,
+    TRL's prediction_step then compute_loss(return_outputs=False)): the selective path, whose LM head computes no
+    logits at all; the eval loss is the model's own."""
+    from qlora_lab.sft import output_layer
+
+    train_mod.train(compose_train([*TINY, "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
+                                   "trainer.save_strategy=no"], tmp_path))
+    trainer = captured["trainer"]
+    assert trainer.loss_impl == "selective" and trainer.compute_metrics is None
+    shapes = []
+    hook = output_layer(trainer.model).register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        lean = trainer.evaluate()["eval_loss"]
+        lean_shapes, shapes[:] = list(shapes), []
+        trainer.loss_impl = "native"  # the model's own loss over its full logits
+        native = trainer.evaluate()["eval_loss"]
+    finally:
+        hook.remove()
+        trainer.loss_impl = "selective"
+    vocab = trainer.model.config.vocab_size
+    assert lean_shapes and all(s[1] == 0 for s in lean_shapes)  # no position's logits on the lean path
+    assert shapes and all(s[1] > 0 and s[2] == vocab for s in shapes)  # the full logits on the native one
+    assert lean == pytest.approx(native, rel=1e-3)
