@@ -96,9 +96,10 @@ def sweeper_storage_problem(overrides: list[str]) -> str | None:
     except metadata.PackageNotFoundError:
         return None  # the sweeper reports what is missing
     if int(optuna.split(".")[0]) < 3 and int(sqlalchemy.split(".")[0]) >= 2:
-        return (f"hydra.sweeper.storage={given[-1]}: optuna {optuna} (the Optuna sweeper's) cannot open a database with "
-                f"SQLAlchemy {sqlalchemy}. Fix: pip install 'sqlalchemy>=1.4,<2' 'alembic<1.14' (what the project's "
-                "[sweep] extra installs), or leave hydra.sweeper.storage unset (the study then lives in memory).")
+        return (f"hydra.sweeper.storage={given[-1]}: optuna {optuna} (the Optuna sweeper's) cannot open a database "
+                f"with SQLAlchemy {sqlalchemy}. Fix: pip install 'sqlalchemy>=1.4,<2' 'alembic<1.14' (what the "
+                "project's [sweep] extra installs), or leave hydra.sweeper.storage unset (the study then lives in "
+                "memory).")
     return None
 
 
