@@ -244,7 +244,7 @@ class TrainRunConfig:
     score_before: bool = True
     # A step with non-finite gradients is always skipped (weights unchanged; counted in metrics.json
     # "skipped_updates"). Stop the run (status failed, earlier checkpoints kept) after this many consecutive such
-    # steps; 0 never stops.
+    # steps; 0 never stops. Under fp16, the GradScaler's normal overflow skips do not count (sft.counts_as_divergent).
     max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False
