@@ -251,6 +251,12 @@ def counts_as_divergent(loss_finite: bool, grads_finite: bool, scale: float | No
 
 # logits per chunk: 2**26 float32 values (256 MiB) whatever the vocabulary
 CHUNK_LOGITS = 2**26
+# Without gradients (evaluation) no chunk is recomputed, so smaller chunks cost only more, smaller matmuls. Each chunk
+# lives as bf16 logits, their float32 copy and the log-softmax (~10 bytes per logit), and evaluation batches are
+# twice the training ones by default (conf/trainer/default.yaml): with 256 MiB chunks the evaluation set the run's
+# peak RSS (tiny model, mimalloc: 1188 MiB in evaluate() vs at most 1086 in a training step), with 16 MiB chunks it
+# stayed below the training steps' (998 vs 1078).
+EVAL_CHUNK_LOGITS = 2**22
 
 
 def output_layer(model):
@@ -318,9 +324,10 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropy of ``head(hidden)`` against ``targets``, one chunk of logits at a time."""
+    """Sum of the cross-entropy of ``head(hidden)`` against ``targets``, one chunk of logits at a time (smaller
+    chunks without gradients: evaluation)."""
     weight, bias = head.weight, getattr(head, "bias", None)
-    chunk = max(128, CHUNK_LOGITS // weight.shape[0])
+    chunk = max(128, (CHUNK_LOGITS if torch.is_grad_enabled() else EVAL_CHUNK_LOGITS) // weight.shape[0])
     if hidden.shape[0] <= chunk:
         return _chunk_loss(hidden, weight, bias, targets)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -202,6 +202,35 @@ def test_chunked_lm_loss_matches_one_pass_in_value_and_gradients(monkeypatch):
         torch.testing.assert_close(g, r)
 
 
+def test_chunked_lm_loss_without_gradients_keeps_at_most_an_eval_chunk_of_logits():
+    """Evaluation (no grad): the same sum, with at most EVAL_CHUNK_LOGITS logits (or 128 rows) alive at once."""
+    from torch.overrides import TorchFunctionMode
+
+    from qlora_lab import sft
+
+    class LogitShapes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.nn.functional.linear:
+                self.rows.append(out.shape[0])
+            return out
+
+    torch.manual_seed(0)
+    vocab = 49152  # SmolLM2's: 2**22 logits are 85 rows, so 128-row chunks
+    head = torch.nn.Linear(16, vocab, bias=False)
+    hidden, targets = torch.randn(700, 16), torch.randint(0, vocab, (700,))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+        with LogitShapes() as seen:
+            got = sft.chunked_lm_loss(hidden, head, targets)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    assert max(seen.rows) == max(128, sft.EVAL_CHUNK_LOGITS // vocab) == 128 and sum(seen.rows) == 700
+
+
 def test_selective_loss_falls_back_where_positions_do_not_line_up(tmp_path, captured):
     train_mod.train(compose_train([*TINY, "adapter=prompt", "loss=selective", "trainer.max_steps=1",
                                    "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no"],
