@@ -253,9 +253,10 @@ def counts_as_divergent(loss_finite: bool, grads_finite: bool, scale: float | No
 CHUNK_LOGITS = 2**26
 # Without gradients (evaluation) no chunk is recomputed, so smaller chunks cost only more, smaller matmuls. Each chunk
 # lives as bf16 logits, their float32 copy and the log-softmax (~10 bytes per logit), and evaluation batches are
-# twice the training ones by default (conf/trainer/default.yaml): with 256 MiB chunks the evaluation set the run's
-# peak RSS (tiny model, mimalloc: 1188 MiB in evaluate() vs at most 1086 in a training step), with 16 MiB chunks it
-# stayed below the training steps' (998 vs 1078).
+# twice the training ones by default (conf/trainer/default.yaml). Peak RSS in evaluate() vs the highest training step,
+# 256 MiB -> 16 MiB chunks: tiny model, mimalloc: 1188 vs 1086 -> 998 vs 1078; embedded SmolLM2, 6 default steps,
+# glibc's malloc (allocator=system, or train() called from Python): 2534 vs 2454 -> 2397 vs 2459; with mimalloc
+# training set the peak either way (1555 -> 1447 vs ~2215).
 EVAL_CHUNK_LOGITS = 2**22
 
 
