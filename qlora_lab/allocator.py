@@ -14,8 +14,9 @@ Python; processes it starts get the caller's environment back), the way torch's 
 ``libjemalloc.so``/``libtcmalloc.so`` under a fixed list of prefixes only (not pip packages, not Debian's multiarch
 folder) and exists to pin cores for multi-instance inference.
 
-``auto``: mimalloc (from the `cmeel-mimalloc` wheel, a dependency on Linux x86_64) on Linux without a GPU driver;
-the system allocator elsewhere (not measured on GPU machines, where the host allocator is not on the hot path).
+``auto``: mimalloc (from the `cmeel-mimalloc` wheel: the ``mimalloc`` extra, which ``make install`` adds on machines
+without a GPU driver) on Linux without a GPU driver; the system allocator elsewhere, and where it is not installed
+(not measured on GPU machines, where the host allocator is not on the hot path).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _OVERRIDE = re.compile(r"^\+{0,2}allocator=(.*)$")
 _MALLOC_LIB = re.compile(r"lib(tc|je|mi|hoard|sn)malloc")
 # the caller's values of the variables the re-execution sets, restored in the re-executed process
 _ORIGINAL = "QLORA_LAB_ALLOCATOR_ORIGINAL_ENV"
-_INSTALL = {"mimalloc": "pip install cmeel-mimalloc",
+_INSTALL = {"mimalloc": "pip install 'qlora-lab[mimalloc]' (the cmeel-mimalloc wheel)",
             "jemalloc": "install your system's jemalloc package (Debian/Ubuntu: apt install libjemalloc2)"}
 
 
@@ -67,6 +68,11 @@ def library(name: str) -> str | None:
 def _gpu_driver() -> bool:
     """A cheap check for a GPU driver, NVIDIA or ROCm (no torch import: this runs before the re-execution)."""
     return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()
+
+
+def auto_lacks_mimalloc() -> bool:
+    """Whether ``auto`` would pick mimalloc here but the extra is not installed."""
+    return sys.platform == "linux" and not _gpu_driver() and library("mimalloc") is None
 
 
 def resolve(name: str) -> str:

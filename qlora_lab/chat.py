@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from qlora_lab import models
-from qlora_lab.config import CONF_DIR, register_configs
-from qlora_lab.errors import UserError, exit_on_user_error
+from qlora_lab.config import CONF_DIR, ChatRunConfig, register_configs, unknown_key_problems
+from qlora_lab.errors import ConfigError, UserError, exit_on_user_error
 from qlora_lab.runs import load_run, load_trained
 
 
@@ -58,6 +58,9 @@ def reply(model, tokenizer, messages: list[dict], cfg: DictConfig, stream: bool 
 
 
 def chat(cfg: DictConfig) -> str | None:
+    problems = unknown_key_problems(cfg, ChatRunConfig)
+    if problems:
+        raise ConfigError(problems)
     model, tokenizer = load_chat_model(cfg.run)
     history = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if cfg.prompt is not None:

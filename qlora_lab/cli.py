@@ -47,13 +47,71 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module_name, _, entry = COMMANDS[command][0].partition(":")
     module = importlib.import_module(module_name)
+    rest = _unknown_keys_to_validator(command, rest)
     if command == "train":
         from qlora_lab.distributed import shared_run_dir
 
         rest = shared_run_dir(rest)  # torchrun / accelerate: all ranks in one run dir
     _check_run_dir(rest)
+    _check_sweeper_storage(rest)
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
     getattr(module, entry or "main")()
+
+
+def _unknown_keys_to_validator(command: str, argv: list[str]) -> list[str]:
+    """``adapter.alhpa=64`` (a key the schema lacks) becomes ``+adapter.alhpa=64``: composed, it is reported by the
+    command's validator with every other problem and the closest field, one `error:` and exit 2 (Hydra's own
+    composition error would stop at this key and suggest the `+`). Only Hydra's positional overrides are touched,
+    not the values of its flags (``-cn train``) nor shell completion's subcommand (``-sc install=bash``)."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser: the same split as Hydra's
+
+    from qlora_lab.config import appendable_overrides
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # --version and malformed flags: Hydra reports them itself
+        return argv
+    if args.shell_completion:  # -sc install=bash: the "overrides" are its subcommand
+        return argv
+    overrides = args.overrides
+    rewritten = iter(zip(overrides, appendable_overrides(command, overrides)))
+    pending = next(rewritten, None)
+    out = []
+    for arg in argv:
+        if pending is not None and arg == pending[0]:
+            arg, pending = pending[1], next(rewritten, None)
+        out.append(arg)
+    return out
+
+
+def sweeper_storage_problem(overrides: list[str]) -> str | None:
+    """Why the Optuna sweeper cannot open ``hydra.sweeper.storage`` with the installed packages, or None.
+
+    optuna 2.x (hydra-optuna-sweeper 1.3.0 requires it) fails to open a database with SQLAlchemy 2.x: an
+    AssertionError in its schema-version check (optuna/storages/_rdb/storage.py get_current_version), raised by the
+    sweeper before any job runs, as a traceback."""
+    from importlib import metadata
+
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("hydra.sweeper.storage=")]
+    if not given or given[-1].strip().lower() in ("", "null", "none"):
+        return None
+    try:
+        optuna, sqlalchemy = metadata.version("optuna"), metadata.version("sqlalchemy")
+    except metadata.PackageNotFoundError:
+        return None  # the sweeper reports what is missing
+    if int(optuna.split(".")[0]) < 3 and int(sqlalchemy.split(".")[0]) >= 2:
+        return (f"hydra.sweeper.storage={given[-1]}: optuna {optuna} (the Optuna sweeper's) cannot open a database "
+                f"with SQLAlchemy {sqlalchemy}. Fix: pip install 'sqlalchemy>=1.4,<2' 'alembic<1.14' (what the "
+                "project's [sweep] extra installs), or leave hydra.sweeper.storage unset (the study then lives in "
+                "memory).")
+    return None
+
+
+def _check_sweeper_storage(overrides: list[str]) -> None:
+    problem = sweeper_storage_problem(overrides)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _check_run_dir(overrides: list[str]) -> None:

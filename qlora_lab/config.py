@@ -284,7 +284,7 @@ class TrainRunConfig:
     score_before: bool = True
     # A step with non-finite gradients is always skipped (weights unchanged; counted in metrics.json
     # "skipped_updates"). Stop the run (status failed, earlier checkpoints kept) after this many consecutive such
-    # steps; 0 never stops.
+    # steps; 0 never stops. Under fp16, the GradScaler's normal overflow skips do not count (sft.counts_as_divergent).
     max_nonfinite_steps: int = 3
     # In a sweep: stop the whole sweep at the first failed job (default: record it as failed and go on).
     fail_fast: bool = False
@@ -462,6 +462,9 @@ PrepareRunConfig = dataclasses.make_dataclass(
      for f in dataclasses.fields(TrainRunConfig)]
     + [("inspect", InspectConfig, field(default_factory=InspectConfig))])
 PrepareRunConfig.__doc__ = "Primary config of `qlora-lab prepare` and `qlora-lab inspect` (conf/prepare.yaml)."
+# each command's schema, for the unknown-key checks (prepare and inspect share one config)
+SCHEMAS = {"train": TrainRunConfig, "merge": MergeRunConfig, "chat": ChatRunConfig, "bench": BenchRunConfig,
+           "prepare": PrepareRunConfig, "inspect": PrepareRunConfig, "export": ExportRunConfig}
 
 
 def register_configs() -> None:
@@ -494,6 +497,104 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # *-arch: random weights in a published architecture, for benchmarks (qlora_lab.models.ARCH_CONFIGS)
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random", "llama-3.2-1b-arch", "llama-3.1-8b-arch", "qwen2.5-7b-arch")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# keys that are not in the schema
+#
+# Hydra applies an appending override (`+key=value`, `++key=value`) with OmegaConf.update(..., force_add=True)
+# (hydra/_internal/config_loader_impl.py, _apply_overrides_to_config), which adds the key even to a struct-mode,
+# dataclass-typed node: `+adapter.alhpa=64` composed into AdapterConfig as an extra key that nothing reads, and
+# `+trainer.learning_rat=...` reached SFTConfig(**kwargs) as an unexpected keyword. Hydra cannot be told to refuse
+# it, and its own error for the same key without `+` ("Could not override 'adapter.alhpa'. To append to your config
+# use +adapter.alhpa=64") is what sends users to `+`. So the composed config is compared with its schema here, and
+# the command line sends unknown keys through `+` (appendable_overrides) so that both spellings end in the same
+# validator list.
+
+
+def _schema_of(f: dataclasses.Field) -> type | None:
+    """The dataclass a field holds (``trainer`` is typed Any but built from TrainerConfig), or None."""
+    if dataclasses.is_dataclass(f.type) and isinstance(f.type, type):
+        return f.type
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def unknown_key_problems(cfg: DictConfig, schema: type | None = None, prefix: str = "") -> list[str]:
+    """One problem per key of ``cfg`` that its dataclass schema does not have, naming the closest field."""
+    schema = schema or OmegaConf.get_type(cfg)
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return []
+    fields = _fields(schema)
+    problems = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(_unknown_key(path, str(key), fields, cfg._get_node(key), prefix))
+            continue
+        sub = _schema_of(fields[key])
+        node = cfg._get_node(key)
+        if sub is not None and OmegaConf.is_dict(node):
+            problems.extend(unknown_key_problems(node, sub, f"{path}."))
+    return problems
+
+
+def _unknown_key(path: str, key: str, fields: dict[str, dataclasses.Field], node: Any, prefix: str) -> str:
+    group = prefix[:-1] or "the command's config"
+    near = difflib.get_close_matches(key, list(fields), n=1)
+    try:
+        value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node._value()
+    except Exception:  # noqa: BLE001 - an interpolation that does not resolve: name the key without its value
+        value = "..."
+    value = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else value
+    if near:
+        fix = f"Did you mean {prefix}{near[0]}? Fix: {prefix}{near[0]}={value}"
+    elif len(fields) <= 30:
+        fix = f"Its settings are: {', '.join(fields)}"
+    else:
+        fix = "See `qlora-lab <command> --help` for its settings"
+    return f"{path}: no such setting in {group} (nothing would read it). {fix}."
+
+
+def appendable_overrides(command: str, overrides: list[str]) -> list[str]:
+    """``overrides`` with every plain ``key=value`` whose key is not in the command's schema turned into
+    ``+key=value``: Hydra then composes it, and the validator reports it with every other problem (Hydra would stop
+    at the first such key with its own error, which suggests the `+`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    schema = SCHEMAS.get(command)
+    if schema is None:
+        return overrides
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    parser = OverridesParser.create()
+    out = []
+    for line in overrides:
+        try:
+            o = parser.parse_override(line)
+        except HydraException:  # Hydra reports its own syntax errors
+            out.append(line)
+            continue
+        key = o.key_or_group
+        plain = not (o.is_add() or o.is_force_add() or o.is_delete()) and o.package is None
+        if plain and not key.startswith("hydra") and "/" not in key and key not in groups \
+                and not _in_schema(schema, key.split(".")):
+            line = "+" + line
+        out.append(line)
+    return out
+
+
+def _in_schema(schema: type, parts: list[str]) -> bool:
+    fields = _fields(schema)
+    if parts[0] not in fields:
+        return False
+    sub = _schema_of(fields[parts[0]])
+    # below a field that is not a dataclass (a mapping typed Any, e.g. data.columns): not ours to check
+    return len(parts) == 1 or sub is None or _in_schema(sub, parts[1:])
 
 
 def _has_cuda() -> bool:
@@ -685,9 +786,37 @@ def _data_problems(p: list[str], d: DictConfig, t: DictConfig) -> None:
                      "from), e.g. trainer.max_steps=1000.")
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # 0 without CUDA (it does not initialise CUDA)
+
+
+def _data_parallel_problems(problems: list[str], cfg: DictConfig) -> None:
+    """One process that sees several GPUs: refused, with the launch that works.
+
+    transformers' TrainingArguments gives a process started without torchrun/accelerate (no LOCAL_RANK) n_gpu = every
+    visible GPU, and Trainer._wrap_model would then wrap an unquantized model in ``nn.DataParallel`` (one replica per
+    GPU on a slice of the batch: the selective loss's hook on the shared LM head holds the whole batch's label mask).
+    TRL 1.16's SFTTrainer refuses any n_gpu > 1 right after Trainer.__init__ (trl/trainer/sft_trainer.py: "does not
+    support `nn.DataParallel`"), for quantized models too, with a ValueError traceback after the model has loaded.
+    DDP (one process per GPU) is what works, and is faster.
+    """
+    if "LOCAL_RANK" in os.environ:
+        return
+    n = _visible_gpus()
+    if n > 1:
+        problems.append(f"{n} GPUs are visible to this one process: transformers' Trainer would drive them all with "
+                        "torch.nn.DataParallel, which TRL's SFTTrainer and qlora_lab's loss do not support. Launch one "
+                        f"process per GPU: torchrun --nproc_per_node={n} -m qlora_lab train <the same overrides>; or "
+                        "train on one GPU: CUDA_VISIBLE_DEVICES=0 qlora-lab train ...")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check a composed train config; raise one :class:`ConfigError` listing every problem found."""
-    p: list[str] = []
+    schema = OmegaConf.get_type(cfg)  # prepare / inspect validate the train fields plus their own `inspect`
+    unknown = unknown_key_problems(cfg, schema if schema is PrepareRunConfig else TrainRunConfig)
+    p: list[str] = list(unknown)
     m, q, a, d, t = cfg.model, cfg.quant, cfg.adapter, cfg.data, cfg.trainer
 
     _choice(p, "loss", cfg.loss, LOSS_IMPLS)
@@ -725,6 +854,7 @@ def validate(cfg: DictConfig) -> None:
     if q.quant_storage is not None:
         _choice(p, "quant.quant_storage", q.quant_storage, DTYPES)
     _sharding_problems(p, cfg)  # FSDP / DeepSpeed ZeRO-3 (from the launcher's environment or trainer.*)
+    _data_parallel_problems(p, cfg)
 
     # adapter
     _choice(p, "adapter.method", a.method, ADAPTER_METHODS)
@@ -823,7 +953,8 @@ def validate(cfg: DictConfig) -> None:
         p.append(f"trainer.packing=true with batching={cfg.batching}: packed sequences are already padding-free; "
                  "set batching=shuffled.")
 
-    _trainer_args_problems(p, t)
+    if not any(problem.startswith("trainer.") for problem in unknown):
+        _trainer_args_problems(p, t)  # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
     if p:
         raise ConfigError(p)
 

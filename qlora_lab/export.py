@@ -90,7 +90,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _check(cfg: DictConfig) -> None:
-    problems = []
+    from qlora_lab.config import ExportRunConfig, unknown_key_problems
+
+    problems = unknown_key_problems(cfg, ExportRunConfig)
     if cfg.format not in FORMATS:
         problems.append(f"format={cfg.format!r}: use one of {', '.join(FORMATS)}.")
     if (cfg.run is None) == (cfg.merged is None):

@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig
 
 from qlora_lab import models
-from qlora_lab.config import CONF_DIR, register_configs
-from qlora_lab.errors import UserError, exit_on_user_error
+from qlora_lab.config import CONF_DIR, MergeRunConfig, register_configs, unknown_key_problems
+from qlora_lab.errors import ConfigError, UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir
 from qlora_lab.runs import (PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained,
                              prompt_logits)
@@ -35,10 +35,13 @@ SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 
 def merge(cfg: DictConfig) -> dict[str, Any]:
     """Merge ``cfg.run``'s adapter; write ``cfg.out`` (default <run>/merged); return the check numbers."""
+    problems = unknown_key_problems(cfg, MergeRunConfig)
     if cfg.base not in BASES:
-        raise UserError(f"base={cfg.base!r}: use one of {', '.join(BASES)}.")
+        problems.append(f"base={cfg.base!r}: use one of {', '.join(BASES)}.")
     if cfg.dtype not in SAVE_DTYPES:
-        raise UserError(f"dtype={cfg.dtype!r}: use one of {', '.join(SAVE_DTYPES)}.")
+        problems.append(f"dtype={cfg.dtype!r}: use one of {', '.join(SAVE_DTYPES)}.")
+    if problems:
+        raise ConfigError(problems)
     run = load_run(cfg.run)
     if run.method in PROMPT_LEARNING:
         raise UserError(f"run {run.dir} trained adapter={run.method}, which adds virtual tokens at inference instead "

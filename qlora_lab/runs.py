@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import models
+from qlora_lab import adapters, models
 from qlora_lab.errors import UserError
 
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")  # adapters that add virtual tokens instead of weight deltas
@@ -70,6 +70,7 @@ def load_trained(run: Run):
     base = models.build_model(run.cfg.model, run.cfg.quant, path)
     # The adapter keeps the dtype it was trained and saved in (bf16 on a 4-bit base) instead of being upcast.
     model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=run.cfg.quant.method == "none")
+    adapters.fix_bnb_adapter_layers(model)  # IA3's output dtype, DoRA's int8 scales (see adapters.py)
     return model.eval(), tokenizer
 
 

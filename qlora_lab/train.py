@@ -199,6 +199,13 @@ def build_trainer(cfg: DictConfig, model, tokenizer, train_ds, eval_ds, run_dir:
                     "own modules.", cfg.kernels)
     if cfg.adapter.method == "full":
         model.requires_grad_(True)  # from_pretrained leaves everything trainable; stated for clarity
+    if args.n_gpu > 1:
+        # The validator refuses this from the visible GPU count; TrainingArguments' own count decides here (our
+        # device_map keeps the whole model on one device, so the Trainer does not reset it to 1 for model parallelism),
+        # before TRL's SFTTrainer raises its ValueError about DataParallel.
+        raise UserError(f"one process with {args.n_gpu} GPUs would train with torch.nn.DataParallel, which TRL's "
+                        f"SFTTrainer and qlora_lab do not support. Launch torchrun --nproc_per_node={args.n_gpu} -m "
+                        "qlora_lab train <the same overrides>, or set CUDA_VISIBLE_DEVICES to one GPU.")
     with warnings.catch_warnings():
         # TRL 1.16 deprecates use_liger_kernel for the Hub's `kernels`, which are downloaded at run time; Liger from
         # pip also works offline, so it stays the switch here.
@@ -484,7 +491,9 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
 def _log_allocator(requested: str) -> None:
     want, have = allocator.resolve(requested), allocator.active()
     if want == have:
-        log.info("C allocator: %s (allocator=%s)", have, requested)
+        log.info("C allocator: %s (allocator=%s)%s", have, requested,
+                 "; pip install 'qlora-lab[mimalloc]' for mimalloc, less peak memory on CPU"
+                 if requested == "auto" and allocator.auto_lacks_mimalloc() else "")
     else:
         log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when a process "
                     "starts. `qlora-lab train` re-executes itself with the one given on its command line (not one "

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from qlora_lab.config import register_configs
-from qlora_lab.config import CONF_DIR
+from qlora_lab.config import CONF_DIR, appendable_overrides
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # prepared data of the tests' runs: a fresh cache per test session (the model cache stays shared)
@@ -39,7 +39,8 @@ TINY = [
 def compose_train(overrides: list[str] = (), output_dir: Path | None = None) -> DictConfig:
     """The train config the CLI would build for ``overrides`` (output_dir set since no Hydra run dir exists)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        # as qlora_lab.cli does: a key outside the schema is composed, for the validator to report
+        cfg = compose(config_name="train", overrides=appendable_overrides("train", list(overrides)))
     with open_dict(cfg):
         cfg.output_dir = str(output_dir) if output_dir else "/nonexistent-run-dir"
     return cfg

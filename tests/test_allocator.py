@@ -13,7 +13,7 @@ from qlora_lab import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_mimalloc = pytest.mark.skipif(sys.platform != "linux" or allocator.library("mimalloc") is None,
-                                    reason="mimalloc (cmeel-mimalloc) is a dependency on Linux x86_64 only")
+                                    reason="mimalloc: the qlora-lab[mimalloc] extra, Linux x86_64 only")
 
 
 def _child_allocator(env: dict[str, str]) -> str:
@@ -38,6 +38,18 @@ def test_unknown_or_missing_allocators_are_explained(monkeypatch):
     assert allocator.problem("auto") is None
     msg = allocator.problem("jemalloc")
     assert msg and "libjemalloc2" in msg and "allocator=auto" in msg
+    assert "qlora-lab[mimalloc]" in allocator.problem("mimalloc")  # the extra that provides it
+    assert allocator.auto_lacks_mimalloc() == (sys.platform == "linux")  # train logs that hint with auto
+
+
+def test_mimalloc_is_an_extra_not_a_dependency():
+    """Its `cmeel` dependency installs a start-up .pth that every interpreter of the environment runs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any("mimalloc" in d for d in project["dependencies"])
+    assert any(d.startswith("cmeel-mimalloc") for d in project["optional-dependencies"]["mimalloc"])
+    assert "'.[dev,mimalloc]'" in (ROOT / "Makefile").read_text()  # make install adds it where auto uses it
 
 
 def test_auto_is_system_where_a_gpu_driver_is(monkeypatch):

@@ -70,6 +70,11 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     (["data=file"], ["data.path is required"]),
     (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
     (["allocator=mimaloc"], ["allocator='mimaloc' is not one of", "Did you mean 'mimalloc'"]),
+    # keys outside the schema, appended (+) or not: one list, the closest field, exit 2 (not SFTConfig's TypeError)
+    (["+adapter.alhpa=64", "trainer.learning_rte=1e-4", "+model._target_=os.system"],
+     ["3 problem(s)", "adapter.alhpa: no such setting in adapter", "Did you mean adapter.alpha? Fix: adapter.alpha=64",
+      "trainer.learning_rte: no such setting in trainer", "Did you mean trainer.learning_rate?",
+      "model._target_: no such setting in model"]),
 ])
 def test_config_errors(tmp_path, args, needles):
     run = tmp_path / "run"
@@ -92,7 +97,6 @@ def test_data_errors(tmp_path, file, needles):
 @pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("override, needles", [
     ("trainer.max_steps=abc", ["trainer.max_steps=abc", "could not be converted to Integer"]),
-    ("trainer.learning_rte=1e-4", ["learning_rte"]),
     ("adapter=lorra", ["lorra", "Available options"]),
 ])
 def test_bad_overrides(tmp_path, override, needles):
@@ -146,3 +150,34 @@ def test_more_bad_inputs(tmp_path, setup, args, needles):
     elif setup == "readonly":  # /proc refuses new entries even to root
         extra.append("output_dir=/proc/qlora-lab-test-run")
     assert_clean_failure(run_cli("train", *TINY_CLI, *extra, f"hydra.run.dir={run}"), *needles)
+
+
+def test_a_sweeper_storage_optuna_cannot_open_is_refused_up_front(monkeypatch):
+    from importlib import metadata
+
+    from qlora_lab.cli import sweeper_storage_problem
+
+    versions = {"optuna": "2.10.1", "sqlalchemy": "2.1.9"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    storage = ["-m", "sweep=optuna_lr_rank", "hydra.sweeper.storage=sqlite:///optuna.db"]
+    assert "pip install 'sqlalchemy>=1.4,<2'" in sweeper_storage_problem(storage)
+    assert sweeper_storage_problem(["-m", "sweep=optuna_lr_rank"]) is None  # in-memory study: fine
+    versions["sqlalchemy"] = "1.4.54"
+    assert sweeper_storage_problem(storage) is None
+
+
+@pytest.mark.integration
+def test_optuna_sweep_with_sqlite_storage(tmp_path):
+    """The [sweep] extra's SQLAlchemy opens the study database (with SQLAlchemy 2 the command refuses it)."""
+    from importlib import metadata
+
+    args = ["train", "-m", "sweep=optuna_lr_rank", "hydra.sweeper.n_trials=2",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", *TINY_CLI, "trainer.max_steps=1",
+            "data.task_eval_samples=0", "score_before=false", "trainer.save_strategy=no",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = run_cli(*args)
+    if int(metadata.version("sqlalchemy").split(".")[0]) >= 2:
+        assert_clean_failure(proc, "cannot open a database with SQLAlchemy")
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best value" in proc.stdout + proc.stderr and (tmp_path / "optuna.db").stat().st_size > 0

@@ -65,15 +65,70 @@ def test_lean_rmsnorm_and_mlp_match_the_eager_modules_and_keep_less(dtype, train
         assert saved_l < 0.8 * saved_e                        # no float32 copies, no silu(gate)
 
 
-def test_auto_is_lean_on_cpu_and_liger_needs_cuda(monkeypatch):
-    from qlora_lab.errors import UserError
-    from qlora_lab.models import arch_config
+def _tiny_causal_lm(model_type: str, dtype):
+    """A 2-layer random model of a transformers decoder class, built from its config (no weights downloaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    llama = arch_config("llama-3.2-1b-arch")
-    assert kernels.resolve("auto", llama) == "lean" and kernels.resolve("none", llama) == "none"
-    with pytest.raises(UserError, match="kernels=liger"):
-        kernels.resolve("liger", llama)
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=160,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            torch.nn.init.normal_(p, 1.0, 0.2)  # not all ones: the norm weights' gradients must matter
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type, norm, mlp", [("qwen2", "Qwen2RMSNorm", "Qwen2MLP"),
+                                                   ("mistral", "MistralRMSNorm", "MistralMLP"),
+                                                   ("llama", "LlamaRMSNorm", "LlamaMLP")])
+def test_lean_kernels_equal_the_models_own_modules(model_type, norm, mlp, dtype):
+    """Whole models of each listed decoder class: the same logits, and the same gradients for every weight."""
+    eager = _tiny_causal_lm(model_type, dtype)
+    lean = copy.deepcopy(eager)
+    names = {type(m).__name__ for m in eager.modules()}
+    assert {norm, mlp} <= names  # the class names kernels.py lists are the ones this transformers builds
+    assert kernels.apply_lean(lean) == 2 * 2 + 1 + 2   # 2 layers x 2 norms, the final norm, 2 MLPs
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (eager, lean):
+        logits = model(input_ids=ids).logits
+        (logits.float() * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (logits_e, grads_e), (logits_l, grads_l) = results
+    assert torch.equal(logits_l, logits_e)  # the same operations in the same order
+    # float32: rounding of the sums (the embedding gradient adds up every position); bf16: its 8-bit mantissa
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    assert grads_l.keys() == grads_e.keys()
+    for n in grads_e:
+        assert grads_e[n] is not None, n
+        torch.testing.assert_close(grads_l[n].float(), grads_e[n].float(), **tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.integration
+def test_kernels_auto_behaves_as_its_device_default(tmp_path, captured):
+    """kernels=auto keeps exactly what the documented default of this device keeps for backward in a training
+    forward (lean on CPU: less than the model's own modules; the model's own modules on CUDA), with the same logits."""
+    from tests.conftest import TINY, compose_train
+    from qlora_lab import train as train_mod
+
+    def trained_forward(impl):
+        train_mod.train(compose_train([*TINY, f"kernels={impl}", "quant=none", "adapter.dropout=0",
+                                       "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
+                                       "trainer.save_strategy=no"], tmp_path / impl))
+        model = captured["trainer"].model.train()
+        ids = torch.tensor([[1, 520, 3300, 42, 17, 998, 205, 2] * 4], device=model.device)
+        torch.manual_seed(0)
+        out, saved = _saved_bytes(lambda: model(input_ids=ids).logits)
+        return out.detach(), saved
+
+    auto, lean, none = (trained_forward(impl) for impl in ("auto", "lean", "none"))
+    expected = none if torch.cuda.is_available() else lean
+    assert auto[1] == expected[1]
+    assert lean[1] < none[1]                              # what lean is for: the two defaults differ
+    torch.testing.assert_close(auto[0], none[0], rtol=1e-2, atol=1e-2)  # same model, same values
 
 
 def _lora_model(quantized: bool, use_dora: bool = False):

@@ -202,6 +202,35 @@ def test_chunked_lm_loss_matches_one_pass_in_value_and_gradients(monkeypatch):
         torch.testing.assert_close(g, r)
 
 
+def test_chunked_lm_loss_without_gradients_keeps_at_most_an_eval_chunk_of_logits():
+    """Evaluation (no grad): the same sum, with at most EVAL_CHUNK_LOGITS logits (or 128 rows) alive at once."""
+    from torch.overrides import TorchFunctionMode
+
+    from qlora_lab import sft
+
+    class LogitShapes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.nn.functional.linear:
+                self.rows.append(out.shape[0])
+            return out
+
+    torch.manual_seed(0)
+    vocab = 49152  # SmolLM2's: 2**22 logits are 85 rows, so 128-row chunks
+    head = torch.nn.Linear(16, vocab, bias=False)
+    hidden, targets = torch.randn(700, 16), torch.randint(0, vocab, (700,))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+        with LogitShapes() as seen:
+            got = sft.chunked_lm_loss(hidden, head, targets)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    assert max(seen.rows) == max(128, sft.EVAL_CHUNK_LOGITS // vocab) == 128 and sum(seen.rows) == 700
+
+
 def test_selective_loss_falls_back_where_positions_do_not_line_up(tmp_path, captured):
     train_mod.train(compose_train([*TINY, "adapter=prompt", "loss=selective", "trainer.max_steps=1",
                                    "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no"],
@@ -317,3 +346,69 @@ def test_default_batching_groups_rows_by_length_in_an_order_drawn_from_the_seed(
     assert list(sampler) != order  # each epoch its own order
     sampler.set_epoch(0)
     assert list(sampler) == order
+
+
+def test_a_trainer_that_would_use_dataparallel_is_refused_at_build(tmp_path, monkeypatch):
+    """The Trainer's own GPU count (TrainingArguments.n_gpu) decides at build, whatever the validator saw."""
+    from trl import SFTConfig
+
+    from qlora_lab.errors import UserError
+
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 2))
+    with pytest.raises(UserError, match="torch.nn.DataParallel.*torchrun --nproc_per_node=2"):
+        train_mod.train(compose_train([*TINY, "quant=none", "score_before=false", "data.task_eval_samples=0"],
+                                      tmp_path))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_gradient_accumulation_equals_the_same_global_batch_with_the_selective_loss(tmp_path, captured):
+    """4 rows x 2 accumulated micro-batches and 8 rows in one batch: the same losses and the same adapter (the
+    selective loss divides each micro-batch's sum by the whole step's label count, as the model's own loss does).
+    float32 throughout and no dropout, so that the only difference is how the batch is split."""
+    from safetensors.torch import load_file
+
+    def run(name, batch, accumulate):
+        cfg = compose_train([*TINY, "quant=none", "model.dtype=float32", "trainer.bf16=false", "adapter.dropout=0",
+                             "loss=selective", "batching=shuffled", "trainer.max_steps=2", "trainer.warmup_steps=0",
+                             f"trainer.per_device_train_batch_size={batch}",
+                             f"trainer.gradient_accumulation_steps={accumulate}", "score_before=false",
+                             "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path / name)
+        metrics = train_mod.train(cfg)
+        assert captured["trainer"].loss_impl == "selective"
+        losses = [h["loss"] for h in captured["trainer"].state.log_history if "loss" in h]
+        return losses, metrics["eval_loss"], load_file(tmp_path / name / "adapter/adapter_model.safetensors")
+
+    (losses_ga, eval_ga, adapter_ga), (losses_one, eval_one, adapter_one) = run("ga", 4, 2), run("one", 8, 1)
+    assert len(losses_ga) == len(losses_one) == 2
+    assert losses_ga == pytest.approx(losses_one, rel=1e-5)
+    assert eval_ga == pytest.approx(eval_one, rel=1e-5)
+    assert adapter_ga.keys() == adapter_one.keys()
+    for key in adapter_ga:
+        torch.testing.assert_close(adapter_ga[key], adapter_one[key], rtol=1e-4, atol=1e-6)
+    assert any(adapter_one[k].abs().sum() > 0 for k in adapter_one if "lora_B" in k)  # the adapter did train
+
+
+def test_evaluation_takes_the_lean_loss_path_and_gives_the_models_own_loss(tmp_path, captured):
+    """Trainer.evaluate() without compute_metrics asks only for the loss (transformers passes prediction_loss_only,
+    TRL's prediction_step then compute_loss(return_outputs=False)): the selective path, whose LM head computes no
+    logits at all; the eval loss is the model's own."""
+    from qlora_lab.sft import output_layer
+
+    train_mod.train(compose_train([*TINY, "trainer.max_steps=1", "score_before=false", "data.task_eval_samples=0",
+                                   "trainer.save_strategy=no"], tmp_path))
+    trainer = captured["trainer"]
+    assert trainer.loss_impl == "selective" and trainer.compute_metrics is None
+    shapes = []
+    hook = output_layer(trainer.model).register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        lean = trainer.evaluate()["eval_loss"]
+        lean_shapes, shapes[:] = list(shapes), []
+        trainer.loss_impl = "native"  # the model's own loss over its full logits
+        native = trainer.evaluate()["eval_loss"]
+    finally:
+        hook.remove()
+        trainer.loss_impl = "selective"
+    vocab = trainer.model.config.vocab_size
+    assert lean_shapes and all(s[1] == 0 for s in lean_shapes)  # no position's logits on the lean path
+    assert shapes and all(s[1] > 0 and s[2] == vocab for s in shapes)  # the full logits on the native one
+    assert lean == pytest.approx(native, rel=1e-3)

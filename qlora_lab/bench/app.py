@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from qlora_lab import allocator, estimate, models
 from qlora_lab.bench.rows import bench_rows, write_rows
-from qlora_lab.config import CONF_DIR, _choice, register_configs
+from qlora_lab.config import CONF_DIR, BenchRunConfig, _choice, register_configs, unknown_key_problems
 from qlora_lab.errors import ConfigError, exit_on_user_error
 from qlora_lab.files import write_json_atomic, write_text_atomic
 
@@ -43,7 +43,7 @@ KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 def validate_bench(cfg: DictConfig) -> None:
-    p: list[str] = []
+    p: list[str] = unknown_key_problems(cfg, BenchRunConfig)
     b = cfg.bench
     for m in b.methods:
         _choice(p, "bench.methods", m, METHODS)
