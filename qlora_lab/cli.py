@@ -14,7 +14,7 @@ COMMANDS = {
     "prepare": ("qlora_lab.prepare", "convert and tokenize a run's data into the cache (same overrides as train)"),
     "inspect": ("qlora_lab.prepare:inspect_main", "show what a run would train on: summary + rows with trained tokens"),
     "merge": ("qlora_lab.merge", "merge a run's adapter into a standalone model (conf/merge.yaml)"),
-    "export": ("qlora_lab.export", "GGUF / Ollama / Hub hand-off of a run, each checked by its reader (conf/export.yaml)"),
+    "export": ("qlora_lab.export", "GGUF / Ollama / Hub hand-off of a run, each checked (conf/export.yaml)"),
     "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
     "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
     "report": ("qlora_lab.report", "write the sweep report of a multirun folder: report <sweep dir>"),

@@ -186,7 +186,8 @@ def supported_architectures() -> set[str]:
         if word.endswith(("ForCausalLM", "Model", "LMHeadModel", "ForConditionalGeneration")):
             names.add(word)
     if not names:
-        raise UserError(f"llama.cpp's converter did not list its architectures:\n{(proc.stderr or proc.stdout)[-1500:]}")
+        raise UserError("llama.cpp's converter did not list its architectures:\n"
+                        + (proc.stderr or proc.stdout)[-1500:])
     return names
 
 
