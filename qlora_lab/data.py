@@ -131,7 +131,8 @@ def load_splits(cfg: DictConfig, num_proc: int | None = None, scratch: Path | No
 
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)  # a run saved before a field existed: its default
     trains, evals, per_source, skipped = [], [], [], []
-    for index, src in enumerate(sources(cfg)):
+    srcs = sources(cfg)
+    for index, src in enumerate(srcs):
         train, held, info, bad = _load_source(cfg, src, index, num_proc, scratch)
         trains.append(train)
         evals.append(held)
@@ -141,7 +142,7 @@ def load_splits(cfg: DictConfig, num_proc: int | None = None, scratch: Path | No
     if len(trains) == 1:
         train, held = trains[0], evals[0]
     else:
-        weights = [s.weight for s in sources(cfg)]
+        weights = [s.weight for s in srcs]
         probabilities = [w / sum(weights) for w in weights]
         # datasets' own weighted interleaving: rows are drawn source by source with these probabilities until the
         # first source runs out, so the realised shares follow the weights (recorded below)

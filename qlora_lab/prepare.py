@@ -203,7 +203,8 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, task_samples: int) -> Prepare
     d = cfg.data
     probe = encode.template_probe(tokenizer)
     streams, evals = [], []
-    for index, src in enumerate(data.sources(d)):
+    srcs = data.sources(d)
+    for index, src in enumerate(srcs):
         stream = _stream(src, src.path, src.split)
         fmt = d.format if d.format != "auto" else _detect_streamed(stream, src)
         stream = _convert_stream(stream, cfg, src, index, fmt)
@@ -216,7 +217,7 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, task_samples: int) -> Prepare
             held, stream = list(stream.take(n_eval)), stream.skip(n_eval)
         streams.append(stream)
         evals += held
-    weights = [s.weight for s in data.sources(d)]
+    weights = [s.weight for s in srcs]
     train = streams[0] if len(streams) == 1 else interleave_datasets(
         streams, probabilities=[w / sum(weights) for w in weights], seed=d.seed, stopping_strategy="first_exhausted")
     fn_kwargs = {"tokenizer": tokenizer, "train_on": d.train_on, "max_length": cfg.trainer.max_length,
@@ -229,8 +230,8 @@ def _prepare_streaming(cfg: DictConfig, tokenizer, task_samples: int) -> Prepare
     held_enc = held_ds.map(encode.encode_batch, batched=True, fn_kwargs={**fn_kwargs, "keep": ("chat",)},
                            remove_columns=held_ds.column_names, features=encode.features(("chat",)))
     stats = {"streaming": True, "eval_rows": len(held_enc), "eval_tokens": encode.summary(held_enc),
-             "sources": [{"label": s.label, "weight": s.weight} for s in data.sources(d)], "skipped_rows": 0}
-    log.info("Data: streamed training rows from %s; %d held-out rows", " + ".join(s.label for s in data.sources(d)),
+             "sources": [{"label": s.label, "weight": s.weight} for s in srcs], "skipped_rows": 0}
+    log.info("Data: streamed training rows from %s; %d held-out rows", " + ".join(s.label for s in srcs),
              len(held_enc))
     return Prepared(train, held_enc, data.task_rows(held_enc, task_samples), stats)
 
