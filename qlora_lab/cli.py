@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if command == "train":
-        from qlora_lab import allocator
+        from qlora_lab.cpu import allocator
 
         # before anything is allocated: re-executes with LD_PRELOAD (once) if needed — only when this is the program
         allocator.exec_with(argv, entry_point=from_command_line)
@@ -65,7 +65,7 @@ def _unknown_keys_to_validator(command: str, argv: list[str]) -> list[str]:
     not the values of its flags (``-cn train``) nor shell completion's subcommand (``-sc install=bash``)."""
     from hydra._internal.utils import get_args_parser  # Hydra's own command-line parser: the same split as Hydra's
 
-    from qlora_lab.config import appendable_overrides
+    from qlora_lab.validate import appendable_overrides
 
     try:
         args = get_args_parser().parse_args(argv)

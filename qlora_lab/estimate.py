@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from qlora_lab import adapters
-from qlora_lab.kernels import resolve as resolve_kernels
 
 log = logging.getLogger(__name__)
 
@@ -161,52 +159,3 @@ def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tu
         return max_length or 1024, 1.0
     longest = max(lengths)
     return min(longest, max_length) if max_length else longest, sum(shares) / len(shares)
-
-
-def _run_inputs(cfg, model_path: str, tokenizer, train_rows) -> tuple[Any, dict[str, Any]]:
-    """(model config, estimate() keywords) of a composed train config; the data are sampled once here."""
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    t = cfg.trainer
-    seq_len, labelled = t.max_length or 1024, 1.0
-    if tokenizer is not None and train_rows is not None:
-        seq_len, labelled = data_shape(tokenizer, train_rows, t.max_length)
-    return model_config, dict(
-        quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method, r=cfg.adapter.r,
-        dropout=cfg.adapter.dropout, dropout_impl=adapters.resolve_dropout_impl(cfg.adapter),
-        kernels=resolve_kernels(cfg.kernels, model_config),
-        batch=t.per_device_train_batch_size, seq_len=seq_len,
-        checkpointing=bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing")),
-        loss="selective" if cfg.loss == "auto" else cfg.loss, loss_tokens=labelled)
-
-
-def for_run(cfg, model_path: str, tokenizer=None, train_rows=None) -> dict[str, Any] | None:
-    """The estimate for a composed train config (None when the model's config cannot be read offline)."""
-    try:
-        model_config, kwargs = _run_inputs(cfg, model_path, tokenizer, train_rows)
-        return estimate(model_config, **kwargs)
-    except Exception as e:  # an estimate must never stop a run  # noqa: BLE001
-        log.debug("no memory estimate: %s", e)
-        return None
-
-
-def checkpoint_plan(cfg, model_path: str, tokenizer, train_rows, budget_bytes: float) -> tuple[int, int] | None:
-    """(estimated bytes without checkpointing, n) where n is the largest such that checkpointing every n-th
-    decoder layer brings the estimate under the budget (1 = every layer, when nothing less fits); None when the
-    run fits as it is or cannot be estimated."""
-    try:
-        model_config, kwargs = _run_inputs(cfg, model_path, tokenizer, train_rows)
-    except Exception as e:  # noqa: BLE001
-        log.debug("no memory estimate: %s", e)
-        return None
-    counts = count_params(model_config)
-    full = estimate(model_config, **{**kwargs, "checkpointing": False}, counts=counts)["total_bytes"]
-    if full <= budget_bytes:
-        return None
-    layers = model_config.num_hidden_layers
-    for n in range(layers, 1, -1):
-        share = len(range(0, layers, n)) / layers
-        if estimate(model_config, **{**kwargs, "checkpointing": share}, counts=counts)["total_bytes"] <= budget_bytes:
-            return full, n
-    return full, 1

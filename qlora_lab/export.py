@@ -90,7 +90,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _check(cfg: DictConfig) -> None:
-    from qlora_lab.config import ExportRunConfig, unknown_key_problems
+    from qlora_lab.config import ExportRunConfig
+    from qlora_lab.validate import unknown_key_problems
 
     problems = unknown_key_problems(cfg, ExportRunConfig)
     if cfg.format not in FORMATS:

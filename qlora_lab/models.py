@@ -196,6 +196,16 @@ def _load_error(model_cfg: DictConfig, e: Exception) -> UserError:
                      "HF_HUB_OFFLINE=1), or pass a local folder written by save_pretrained.")
 
 
+def model_config(model_cfg: DictConfig, path: str):
+    """The model's transformers config (config.json only: no weights), for the plan."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg, e) from None
+
+
 def build_tokenizer(model_cfg: DictConfig, path: str):
     from transformers import AutoTokenizer
 
@@ -210,8 +220,9 @@ def build_tokenizer(model_cfg: DictConfig, path: str):
     return tok
 
 
-def quantization_config(quant_cfg: DictConfig):
-    """The transformers ``BitsAndBytesConfig`` for ``quant``, or None for quant.method=none."""
+def quantization_config(quant_cfg: DictConfig, compute_dtype: str | None = None):
+    """The transformers ``BitsAndBytesConfig`` for ``quant``, or None for quant.method=none; ``compute_dtype``: the
+    plan's (None: quant.compute_dtype resolved on this machine)."""
     from transformers import BitsAndBytesConfig
 
     method = quant_cfg.method
@@ -226,7 +237,7 @@ def quantization_config(quant_cfg: DictConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=method,
         bnb_4bit_use_double_quant=quant_cfg.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant_cfg.compute_dtype),
+        bnb_4bit_compute_dtype=resolve_dtype(compute_dtype or quant_cfg.compute_dtype),
         bnb_4bit_quant_storage=storage,
         llm_int8_skip_modules=skip,
     )
@@ -239,19 +250,21 @@ def device_map() -> Any:
     return {"": "cpu"}
 
 
-def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str):
-    """Load the base model from ``path`` in the configured quantization (frozen; adapters come later)."""
+def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str, dtype: str | None = None,
+                compute_dtype: str | None = None):
+    """Load the base model from ``path`` in the configured quantization (frozen; adapters come later). ``dtype`` and
+    ``compute_dtype``: the run's plan's (qlora_lab/plan.py; None: the config's, resolved on this machine)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
-        dtype=resolve_dtype(model_cfg.dtype),
+        dtype=resolve_dtype(dtype or model_cfg.dtype),
         device_map=device_map(),
     )
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    qconf = quantization_config(quant_cfg)
+    qconf = quantization_config(quant_cfg, compute_dtype)
     if qconf is not None:
         kwargs["quantization_config"] = qconf
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, models, plan
 from qlora_lab.errors import UserError
 
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")  # adapters that add virtual tokens instead of weight deltas
@@ -60,14 +60,15 @@ def load_trained(run: Run):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+    dtype, compute_dtype = plan.recorded_dtypes(run.dir, run.cfg)  # what it trained with, on whatever machine
     if run.method == "full":  # the adapter folder holds the whole fine-tuned model
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(run.adapter_dir, dtype=models.resolve_dtype(run.cfg.model.dtype),
+        model = AutoModelForCausalLM.from_pretrained(run.adapter_dir, dtype=models.resolve_dtype(dtype),
                                                      device_map=models.device_map())
         return model.eval(), tokenizer
     path = models.resolve_model_path(run.cfg.model.name_or_path)
-    base = models.build_model(run.cfg.model, run.cfg.quant, path)
+    base = models.build_model(run.cfg.model, run.cfg.quant, path, dtype, compute_dtype)
     # The adapter keeps the dtype it was trained and saved in (bf16 on a 4-bit base) instead of being upcast.
     model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=run.cfg.quant.method == "none")
     adapters.fix_bnb_adapter_layers(model)  # IA3's output dtype, DoRA's int8 scales (see adapters.py)

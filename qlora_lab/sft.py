@@ -45,8 +45,8 @@ from trl import SFTTrainer
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapters, checkpoints, models
-from qlora_lab.config import DEPRECATED_TRAINER_ALIASES
+from qlora_lab import checkpoints
+from qlora_lab.cpu.dropout import FastDropout, recompute_dropout_outputs
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ class QloraSFTTrainer(SFTTrainer):
         return strategy == "group_by_length" or bool(getattr(self.args, "group_by_length", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._recompute_dropout is None:  # known once adapters.use_dropout_impl has run (after __init__)
+        if self._recompute_dropout is None:  # known once cpu.dropout.use_dropout_impl has run (after __init__)
             self._recompute_dropout = not self.args.torch_compile and any(
-                isinstance(m, adapters.FastDropout) and m.recompute for m in model.modules())
-        with adapters.recompute_dropout_outputs() if self._recompute_dropout else nullcontext():
+                isinstance(m, FastDropout) and m.recompute for m in model.modules())
+        with recompute_dropout_outputs() if self._recompute_dropout else nullcontext():
             return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
@@ -307,58 +307,6 @@ def output_layer(model):
     """The LM head of a (peft-wrapped) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_output_embeddings()
-
-
-def build_sft_config(trainer_cfg: DictConfig, output_dir: Path):
-    """TRL's SFTConfig from the ``trainer`` group, with the fields qlora_lab owns filled in."""
-    from trl import SFTConfig
-
-    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
-    for old, new in DEPRECATED_TRAINER_ALIASES.items():
-        # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*: where the new name
-        # exists, the old one fills it only when it is unset (transformers' own rule, minus its FutureWarning).
-        if new in kwargs:
-            value = kwargs.pop(old)
-            if kwargs[new] is None and value is not None:
-                kwargs[new] = value
-    if kwargs.get("activation_checkpointing", False) is None:
-        # both names unset: off, as conf/trainer/default.yaml says (TRL's SFTConfig would turn it on: its own
-        # gradient_checkpointing default is True, and transformers copies that into activation_checkpointing)
-        kwargs["activation_checkpointing"] = False
-    if not torch.cuda.is_available():
-        kwargs["use_cpu"] = True  # transformers refuses bf16 on a machine without a GPU unless told it is CPU
-        kwargs["dataloader_pin_memory"] = False  # nothing to copy to: pinning only warns
-    if kwargs.get("bf16") is None and not kwargs.get("fp16"):
-        kwargs["bf16"] = models.bf16_supported()
-    try:
-        return SFTConfig(output_dir=str(output_dir), **kwargs)
-    except ValueError as e:  # transformers/TRL name the fields as command-line flags: --save_steps
-        raise UserError("invalid trainer settings: " + re.sub(r"--(\w+)", r"trainer.\1", str(e))) from None
-
-
-def needs_trl_loss(trainer_cfg, model_config) -> str | None:
-    """Why only TRL's own compute_loss (loss "fused") computes the configured loss, or None.
-
-    TRL 1.16's SFTTrainer.compute_loss applies ``loss_type`` (e.g. "dft"), label smoothing and an MoE model's router
-    auxiliary loss; the selective and native paths compute plain cross-entropy.
-    """
-    if trainer_cfg.get("loss_type", "nll") != "nll":
-        return f"trainer.loss_type={trainer_cfg.loss_type}"
-    if trainer_cfg.get("label_smoothing_factor", 0):
-        return f"trainer.label_smoothing_factor={trainer_cfg.label_smoothing_factor}"
-    if hasattr(model_config, "output_router_logits"):
-        return "the model's router auxiliary loss (mixture of experts)"
-    return None
-
-
-def selective_loss_supported(model_config, adapter_method: str) -> str | None:
-    """None if ``loss=selective`` computes exactly what the model's own loss does, else the reason it does not."""
-    if adapter_method in ("prompt", "ptuning"):
-        return "prompt/p-tuning prepend virtual tokens to the sequence, so positions do not line up with labels"
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
-        if getattr(model_config, attr, None) not in (None, 1, 1.0):
-            return f"the model scales its logits ({attr}); its own loss path is used"
-    return None
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:

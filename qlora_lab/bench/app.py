@@ -29,9 +29,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from qlora_lab import allocator, estimate, models
+from qlora_lab import estimate, models
+from qlora_lab.cpu import allocator
 from qlora_lab.bench.rows import bench_rows, write_rows
-from qlora_lab.config import CONF_DIR, BenchRunConfig, _choice, register_configs, unknown_key_problems
+from qlora_lab.config import CONF_DIR, BenchRunConfig, register_configs
+from qlora_lab.validate import check_choice, unknown_key_problems
 from qlora_lab.errors import ConfigError, exit_on_user_error
 from qlora_lab.files import write_json_atomic, write_text_atomic
 
@@ -46,9 +48,9 @@ def validate_bench(cfg: DictConfig) -> None:
     p: list[str] = unknown_key_problems(cfg, BenchRunConfig)
     b = cfg.bench
     for m in b.methods:
-        _choice(p, "bench.methods", m, METHODS)
+        check_choice(p, "bench.methods", m, METHODS)
     for r in b.recipes:
-        _choice(p, "bench.recipes", r, RECIPES)
+        check_choice(p, "bench.recipes", r, RECIPES)
     for key, values, low in (("seq_lens", b.seq_lens, 32), ("batch_sizes", b.batch_sizes, 1)):
         if not values or any(v < low for v in values):
             p.append(f"bench.{key}={list(values)}: give a non-empty list of values >= {low}.")

@@ -106,12 +106,14 @@ def _matmul_params(model_config) -> int:
 
 
 def _qlora_lab_trainer(spec: dict, callbacks: list):
+    """`qlora-lab train`'s own chain: validate → data → plan → trainer.setup, as train() runs it."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from qlora_lab import adapters, models, prepare
-    from qlora_lab.config import CONF_DIR, register_configs, validate
-    from qlora_lab.train import build_trainer
+    from qlora_lab import estimate, models, plan, prepare
+    from qlora_lab.config import CONF_DIR, register_configs
+    from qlora_lab.trainer import setup
+    from qlora_lab.validate import validate
 
     register_configs()
     overrides = [f"model.name_or_path={spec['model_path']}", *METHOD_OVERRIDES[spec["method"]], "data=file",
@@ -128,15 +130,14 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
     prepared = prepare.prepare(cfg, tokenizer)
-    train_ds, eval_ds = prepared.train, prepared.eval
-    model = models.build_model(cfg.model, cfg.quant, model_path)
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, Path(spec["output_dir"]))
-    adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
+    the_plan = plan.make(cfg, plan.Machine.detect(), models.model_config(cfg.model, model_path),
+                         estimate.data_shape(tokenizer, prepared.train, cfg.trainer.max_length), prepared.stats,
+                         len(prepared.task_rows))
+    trainer = setup(cfg, the_plan, model_path, tokenizer, prepared.train, prepared.eval, Path(spec["output_dir"]))
     for cb in callbacks:
         trainer.add_callback(cb)
-    return trainer, {"loss_impl": trainer.loss_impl, "checkpointing": _checkpointed_share(trainer),
-                     "kernels": trainer.kernels,
-                     "dropout_impl": adapters.resolve_dropout_impl(cfg.adapter)}
+    return trainer, {"loss_impl": the_plan.loss, "checkpointing": _checkpointed_share(trainer),
+                     "kernels": the_plan.kernels, "dropout_impl": the_plan.dropout_impl}
 
 
 def _checkpointed_share(trainer) -> float:
@@ -163,7 +164,7 @@ def _total_steps(spec: dict) -> int:
 
 
 def run(spec: dict) -> dict[str, Any]:
-    from qlora_lab import allocator
+    from qlora_lab.cpu import allocator
 
     result: dict[str, Any] = {"status": "running", "rss_after_imports_mb": _rss_mb("VmRSS"),
                               "allocator": allocator.active()}

@@ -1,5 +1,6 @@
-"""Decoder-layer kernels (`kernels=`): Liger's Triton kernels on CUDA, or "lean" PyTorch versions of RMSNorm and
-SwiGLU that keep less for backward, on any device.
+"""The "lean" decoder-layer kernels (``kernels=lean``): PyTorch versions of RMSNorm and SwiGLU that keep less for
+backward. A CPU lever: the plan (qlora_lab/plan.py) picks it on CPU for the model families below, where it is
+tested to equal the model's own modules (tests/test_kernels.py); Liger's Triton kernels are the CUDA counterpart.
 
 Why "lean" is written here rather than taken from a library: Liger Kernel does the same on CUDA (Triton), and
 nothing maintained does it for CPU, where the embedded model trains. Both functions compute exactly what
@@ -14,61 +15,49 @@ transformers' eager modules compute, with the same operations in the same order;
   defensive copy of the base output and its two temporaries (:func:`_lora_forward`).
 
 On the embedded model (SmolLM2-135M, QLoRA, batch 8 x 256 tokens) that is 1/3 GiB less per step, see
-benchmarks/README.md. Patched per module instance (forward replaced), only for the module classes listed below.
+benchmarks/README.md. Patched per module instance (forward replaced), only for instances of the classes below
+(matched by type, not name: a model's own subclass or a same-named class elsewhere is left alone).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 
-from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# RMSNorms computing weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), attribute variance_epsilon
-LEAN_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-# MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x))
-LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+# model_type -> (module, its RMSNorm class, its MLP class), from transformers; each family is tested in
+# tests/test_kernels.py. The RMSNorms compute weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
+# (attribute variance_epsilon); the MLPs down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+LEAN_FAMILIES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP"),
+}
 # peft LoRA layers over nn.Linear and bitsandbytes' Linear4bit (peft.tuners.lora.layer / .bnb)
 LEAN_LORA_LAYERS = {"Linear", "Linear4bit"}
 
-# Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
-# linear cross-entropy stays off: the loss is qlora_lab's (`loss=`), and TRL 1.16 refuses Liger's fused loss.
-LIGER_KERNEL_CONFIG = {"rope": True, "rms_norm": True, "swiglu": True,
-                       "cross_entropy": False, "fused_linear_cross_entropy": False}
 
 
-def liger_unavailable(model_config=None) -> str | None:
-    """Why Liger's kernels cannot run here (None when they can): no CUDA, not installed, or no kernels for the model
-    type. Not imported unless CUDA is there: liger-kernel imports Triton."""
-    if not torch.cuda.is_available():
-        return "Liger's kernels are Triton kernels for CUDA GPUs and this machine has none"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
-    if model_config is not None:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-        if model_config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-            return f"Liger has no kernels for model type {model_config.model_type!r}"
-    return None
+def lean_classes(model_type: str) -> tuple[type, type] | None:
+    """(RMSNorm class, MLP class) of a family the lean kernels are tested on, or None."""
+    spec = LEAN_FAMILIES.get(model_type)
+    if spec is None:
+        return None
+    module = importlib.import_module(spec[0])
+    return getattr(module, spec[1]), getattr(module, spec[2])
 
 
-def resolve(kernels: str, model_config) -> str:
-    """What ``kernels`` (auto | lean | liger | none) means for this model on this machine. auto: lean on CPU (measured
-    less memory at the same speed); none on CUDA (lean is not measured there; Liger had slow steps, see
-    benchmarks/README.md)."""
-    if kernels == "auto":
-        return "none" if torch.cuda.is_available() else "lean"
-    if kernels == "liger":
-        why_not = liger_unavailable(model_config)
-        if why_not:
-            raise UserError(f"kernels=liger: {why_not}.\nFix: use kernels=auto or kernels=none.")
-    return kernels
+def lean_unsupported(model_type: str) -> str | None:
+    """Why the lean kernels do not apply to ``model_type`` (None when they do)."""
+    if model_type in LEAN_FAMILIES:
+        return None
+    return f"the lean kernels are tested on {', '.join(LEAN_FAMILIES)} only, not {model_type!r}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,17 +155,20 @@ def apply_lean_lora(model) -> int:
 
 
 def apply_lean(model) -> int:
-    """Replace the forward of every supported RMSNorm / SiLU MLP in ``model``; returns how many were patched."""
+    """Replace the forward of every RMSNorm / SiLU MLP of ``model``'s family (LEAN_FAMILIES, matched by exact type);
+    returns how many were patched (0 for other families)."""
+    classes = lean_classes(getattr(model.config, "model_type", ""))
+    if classes is None:
+        log.info("kernels=lean: %s; the model runs its own modules", lean_unsupported(model.config.model_type))
+        return 0
+    norm_cls, mlp_cls = classes
     patched = 0
     for module in model.modules():
-        name = type(module).__name__
-        if name in LEAN_RMSNORMS and hasattr(module, "variance_epsilon"):
+        if type(module) is norm_cls and hasattr(module, "variance_epsilon"):
             module.forward = MethodType(_rmsnorm_forward, module)
             patched += 1
-        elif (name in LEAN_MLPS and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        elif (type(module) is mlp_cls and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
               and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
             module.forward = MethodType(_mlp_forward, module)
             patched += 1
-    if not patched:
-        log.info("kernels=lean: no supported RMSNorm or MLP module in this model; it runs its own modules")
     return patched

@@ -24,11 +24,14 @@ from __future__ import annotations
 import ctypes.util
 import functools
 import json
+import logging
 import os
 import re
 import sys
 from importlib import metadata
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ALLOCATORS = ("auto", "mimalloc", "jemalloc", "system")
 _PRELOADABLE = ("mimalloc", "jemalloc")
@@ -42,6 +45,25 @@ _INSTALL = {"mimalloc": "pip install 'qlora-lab[mimalloc]' (the cmeel-mimalloc w
             "jemalloc": "install your system's jemalloc package (Debian/Ubuntu: apt install libjemalloc2)"}
 
 
+# Where a preloaded library may come from: this environment (sys.prefix: the venv, or a conda env when that is the
+# interpreter's) and the dynamic loader's system folders. Nothing else (a CONDA_PREFIX or LD_LIBRARY_PATH of another
+# environment, a user's folders): a library preloaded into every process of a run must be one this install chose.
+SYSTEM_LIB_DIRS = (Path("/usr/local/lib"), Path("/usr/lib64"), Path("/usr/lib"), Path("/lib64"), Path("/lib"))
+
+
+def _in_allowed_dirs(path: Path) -> bool:
+    real = path.resolve()
+    return any(real.is_relative_to(d.resolve()) for d in (Path(sys.prefix), *SYSTEM_LIB_DIRS))
+
+
+def is_cli_program(argv0: str | None = None) -> bool:
+    """Whether this process is the qlora-lab CLI itself (the console script, or ``python -m qlora_lab``), not a
+    wrapper script or another program that calls qlora_lab's functions: only the CLI may re-execute itself."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    path = Path(argv0)
+    return path.name == "qlora-lab" or (path.name == "__main__.py" and path.parent.name == "qlora_lab")
+
+
 @functools.lru_cache(maxsize=None)  # package metadata and folder scans: once per process
 def library(name: str) -> str | None:
     """Path of the shared library of allocator ``name``, or None when it is not installed."""
@@ -51,12 +73,9 @@ def library(name: str) -> str | None:
         except metadata.PackageNotFoundError:
             return None
         files = sorted(str(dist.locate_file(f)) for f in dist.files or () if f.name.startswith("libmimalloc.so"))
-        return next((f for f in files if Path(f).is_file()), None)
+        return next((f for f in files if Path(f).is_file() and _in_allowed_dirs(Path(f))), None)
     if name == "jemalloc":
-        dirs = [Path(sys.prefix) / "lib", Path("/usr/local/lib"), Path("/usr/lib64"), Path("/usr/lib"),
-                *Path("/usr/lib").glob("*-linux-gnu")]
-        if os.environ.get("CONDA_PREFIX"):
-            dirs.insert(0, Path(os.environ["CONDA_PREFIX"]) / "lib")
+        dirs = [Path(sys.prefix) / "lib", *SYSTEM_LIB_DIRS, *Path("/usr/lib").glob("*-linux-gnu")]
         for d in dirs:
             for lib in sorted(d.glob("libjemalloc.so*")):
                 if lib.is_file():
@@ -154,7 +173,7 @@ def exec_with(argv: list[str], entry_point: bool = True) -> None:
                 os.environ[key] = value
         return
     name = requested(argv)
-    if (not entry_point or name not in ALLOCATORS or problem(name) or resolve(name) == active()
+    if (not entry_point or not is_cli_program() or name not in ALLOCATORS or problem(name) or resolve(name) == active()
             or (name == "auto" and _user_malloc(os.environ))):
         return
     env = preload_env(name, dict(os.environ))
@@ -165,3 +184,18 @@ def exec_with(argv: list[str], entry_point: bool = True) -> None:
         os.execve(sys.executable, command, env)
     except OSError:  # could not re-execute: go on with the allocator this process has (train logs which)
         return
+
+
+def log_choice(requested: str) -> None:
+    """Log the allocator this process runs with, and warn when it is not the one asked for."""
+    want, have = resolve(requested), active()
+    if want == have:
+        log.info("C allocator: %s (allocator=%s)%s", have, requested,
+                 "; pip install 'qlora-lab[mimalloc]' for mimalloc, less peak memory on CPU"
+                 if requested == "auto" and auto_lacks_mimalloc() else "")
+    else:
+        log.warning("allocator=%s asks for %s but this process runs with %s: an allocator is chosen when a process "
+                    "starts. `qlora-lab train` re-executes itself with the one given on its command line (not one "
+                    "set in a config file); processes started otherwise (train() called from Python, submitit/SLURM "
+                    "jobs) keep their own; LD_PRELOAD=%s sets it by hand.", requested, want, have,
+                    library(want) or want)

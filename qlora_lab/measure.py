@@ -1,0 +1,32 @@
+"""A run's peak memory: CUDA's max allocated, else the process's peak RSS (Linux: reset per run, so the jobs of a
+sweep that share one process each get their own)."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+
+def reset_peak() -> None:
+    """Start this run's peak-memory window (several multirun jobs share one process)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM) to its current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    """Peak memory since reset_peak: CUDA max allocated, else the process's peak RSS, in MiB."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # lifetime peak (KiB on Linux)
