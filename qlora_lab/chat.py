@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 
 from qlora_lab import models
 from qlora_lab.config import CONF_DIR, ChatRunConfig, register_configs
-from qlora_lab.validate import unknown_key_problems
 from qlora_lab.errors import ConfigError, UserError, exit_on_user_error
 from qlora_lab.runs import load_run, load_trained
+from qlora_lab.validate import unknown_key_problems
 
 
 def is_run_dir(folder: Path) -> bool:

@@ -285,6 +285,7 @@ class BenchConfig:
     steps: int = 6
     """Optimizer steps measured, after `warmup_steps` steps that are not (allocation, kernel selection, caches)."""
     warmup_steps: int = 2
+    """Steps run before the measured ones and not timed."""
     profile_steps: int = 0
     """Steps profiled with torch.profiler after the measured ones (not in the timings); 0 = none. The results then
     list, per configuration, the ops with the most self time (GPU time on CUDA, CPU time otherwise)."""
@@ -297,6 +298,7 @@ class BenchConfig:
     results_dir: str = "benchmarks/results"
     """Where results go: <results_dir>/<name>.{json,md,png}; name null = <machine>-<date>."""
     name: Optional[str] = None
+    """Results file name (without suffix); null = <machine>-<date>."""
     peak_tflops: Optional[float] = None
     """Peak bf16 FLOP/s for MFU, in TFLOP/s; null = 989 on H100/H200, else a matmul measured at start."""
     timeout_s: int = 1800
@@ -345,8 +347,11 @@ class ChatRunConfig:
     do_sample: bool = False
     """false = greedy decoding (deterministic); true = sample with temperature / top_p / top_k."""
     temperature: float = 0.7
+    """Sampling temperature (do_sample=true)."""
     top_p: float = 0.9
+    """Nucleus sampling: the smallest set of tokens whose probabilities add up to top_p (do_sample=true)."""
     top_k: int = 50
+    """Sample among the k most likely tokens (do_sample=true)."""
     seed: int = 0
     """Seed for sampling."""
     stream: bool = True
@@ -374,6 +379,7 @@ class ExportRunConfig:
     """A completed run directory (its adapter is merged first, as `qlora-lab merge` does; an earlier <run>/merged with
     the same base is reused) — or `merged`, a merged model folder. Exactly one of the two."""
     merged: Optional[str] = None
+    """A merged model folder (a `qlora-lab merge` output) to export instead of a run."""
     format: str = "gguf"
     """"gguf" (llama.cpp / LM Studio), "ollama" (GGUF + Modelfile) or "hub" (upload to the Hugging Face Hub)."""
     types: list[str] = field(default_factory=lambda: ["f16", "q8_0"])

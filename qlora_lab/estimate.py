@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 GiB = 2**30

@@ -23,11 +23,10 @@ from omegaconf import DictConfig
 
 from qlora_lab import models
 from qlora_lab.config import CONF_DIR, MergeRunConfig, register_configs
-from qlora_lab.validate import unknown_key_problems
 from qlora_lab.errors import ConfigError, UserError, exit_on_user_error
 from qlora_lab.files import atomic_dir
-from qlora_lab.runs import (PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained,
-                             prompt_logits)
+from qlora_lab.runs import PROMPT_LEARNING, Run, compare_logits, heldout_prompts, load_run, load_trained, prompt_logits
+from qlora_lab.validate import unknown_key_problems
 
 log = logging.getLogger(__name__)
 BASES = ("auto", "original", "nf4_roundtrip")

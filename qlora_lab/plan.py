@@ -105,6 +105,8 @@ class Plan:
     """allocator: the one this run asks for ("mimalloc", "jemalloc" or "system")."""
     batching: str
     """batching: "grouped", "shuffled" or "padding_free"."""
+    pad_to_multiple_of: int | None
+    """trainer.pad_to_multiple_of: TRL's "auto" pads to 128 on AWS Neuron only, so None on the devices here."""
     memory_budget_gb: float | None
     """memory_budget_gb: the step's budget in GiB (None: no budget)."""
     checkpoint_every: int
@@ -128,7 +130,8 @@ class Plan:
                 "quant.compute_dtype": self.compute_dtype, "quant.quant_storage": self.quant_storage,
                 "trainer.bf16": self.mixed_precision == "bf16", "trainer.fp16": self.mixed_precision == "fp16",
                 "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
-                "allocator": self.allocator, "batching": self.batching, "memory_budget_gb": self.memory_budget_gb,
+                "allocator": self.allocator, "batching": self.batching,
+                "trainer.pad_to_multiple_of": self.pad_to_multiple_of, "memory_budget_gb": self.memory_budget_gb,
                 "data.task_metric": self.task_metric, "data.format": self.data_format}
 
     def to_json(self) -> dict[str, Any]:
@@ -160,15 +163,26 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
-        batching=cfg.batching, memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
-        estimated_gb=est, estimated_unchecked_gb=unchecked, task_metric=_task_metric(cfg.data, task_rows),
+        batching=cfg.batching, pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
+        memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
+        estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
         data_format=_data_format(data_stats), notes=tuple(notes))
+
+
+def _round(gib: float | None) -> float | None:
+    return None if gib is None else round(gib, 4)
 
 
 def _dtype(name: str, machine: Machine) -> str:
     if name == "auto":
         return "bfloat16" if machine.bf16 else "float32"
     return name
+
+
+def _pad_multiple(value: Any) -> int | None:
+    if value in (None, "auto") or str(value).lower() in ("none", "null"):
+        return None
+    return int(value)
 
 
 def _mixed_precision(t: DictConfig, machine: Machine) -> str:
@@ -282,22 +296,27 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
     if budget == "auto":
         budget = round(0.9 * machine.gpu_memory_gb, 1) if machine.gpu_memory_gb else None
     budget = None if budget is None else float(budget)
-    try:
-        counts = estimate.count_params(model_config)
-        seq_len, labelled = shape or (t.max_length or 1024, 1.0)
-        kwargs = dict(quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method,
-                      r=cfg.adapter.r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
-                      batch=t.per_device_train_batch_size, seq_len=seq_len, loss=loss, loss_tokens=labelled,
-                      model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2, counts=counts)
+    seq_len, labelled = shape or (t.max_length or 1024, 1.0)
+    kwargs = dict(quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method,
+                  r=cfg.adapter.r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
+                  batch=t.per_device_train_batch_size, seq_len=seq_len, loss=loss, loss_tokens=labelled,
+                  model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2)
+    counts: dict[str, Any] = {}
 
-        def gib(share: float) -> float:
-            return round(estimate.estimate(model_config, **kwargs, checkpointing=share)["total_bytes"] / 2**30, 3)
-    except Exception:  # noqa: BLE001 - an estimate never stops a run (e.g. a config count_params cannot build)
-        gib = None
+    def gib(share: float) -> float | None:
+        """The estimate in GiB with ``share`` of the layers checkpointed; None where it cannot be computed (an
+        estimate never stops a run: e.g. an architecture without the Llama-style sizes it reads)."""
+        try:
+            counts.setdefault("n", estimate.count_params(model_config))
+            est = estimate.estimate(model_config, **kwargs, checkpointing=share, counts=counts["n"])
+        except Exception:  # noqa: BLE001
+            return None
+        return est["total_bytes"] / 2**30
+
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
-    unchecked = gib(0.0) if gib else None
+    unchecked = gib(0.0)
     if t.get("activation_checkpointing") or t.get("gradient_checkpointing"):
-        return 1, "trainer", (gib(1.0) if gib else None), unchecked, budget
+        return 1, "trainer", gib(1.0), unchecked, budget
     if budget is None or unchecked is None or unchecked <= budget or layers == 0:
         return 0, "none", unchecked, unchecked, budget
     if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
@@ -309,7 +328,7 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
         return 1, "budget", gib(1.0), unchecked, budget
     for n in range(layers, 1, -1):
         est = gib(len(range(0, layers, n)) / layers)
-        if est <= budget:
+        if est is not None and est <= budget:
             return n, "budget", est, unchecked, budget
     return 1, "budget", gib(1.0), unchecked, budget
 

@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab import data, encode
 from qlora_lab.config import CONF_DIR, register_configs
-from qlora_lab.validate import validate
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import write_json_atomic, write_text_atomic
+from qlora_lab.validate import validate
 
 log = logging.getLogger(__name__)
 

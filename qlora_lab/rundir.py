@@ -44,8 +44,6 @@ def check_writable(run_dir: Path) -> None:
                         "with hydra.run.dir=...") from None
 
 
-
-
 def checkpoint_folders(folder: Path) -> list[Path]:
     """The checkpoint-N folders in ``folder``, newest first."""
     if not folder.is_dir():

@@ -30,10 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import signal
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +41,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
-
-from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab import checkpoints
 from qlora_lab.cpu.dropout import FastDropout, recompute_dropout_outputs

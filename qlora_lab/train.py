@@ -182,7 +182,6 @@ def _log_serving(cfg: DictConfig, run_dir: Path) -> None:
     log.info("Serve with vLLM: %s", command or f"not as an adapter ({why})")
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # the Hydra shell
 

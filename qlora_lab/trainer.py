@@ -44,6 +44,7 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
         # the rows come tokenized, masked and truncated (prepare.py); TRL's preparation would map over every row
         # again to rebuild what is there. Packing is TRL's own step and still runs.
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    args.pad_to_multiple_of = plan.pad_to_multiple_of
     _apply_batching(args, plan.batching)
     _apply_checkpointing(args, plan)
     kernel_impl = plan.kernels

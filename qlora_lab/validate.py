@@ -21,7 +21,6 @@ from qlora_lab.cpu import allocator
 from qlora_lab.errors import ConfigError
 from qlora_lab.sftconfig import check_sft_config
 
-
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 ADAPTER_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "full")
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")

@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from qlora_lab.config import register_configs
-from qlora_lab.config import CONF_DIR, appendable_overrides
+from qlora_lab.config import CONF_DIR, register_configs
+from qlora_lab.validate import appendable_overrides
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # prepared data of the tests' runs: a fresh cache per test session (the model cache stays shared)
@@ -52,10 +52,10 @@ def captured(monkeypatch):
     ("before": after all adapter initialisation — LoftQ, PiSSA residuals — and before the first step)."""
     from transformers import Trainer
 
-    from qlora_lab import train as train_mod
+    from qlora_lab import trainer as trainer_mod
 
     box = {}
-    build, real_train = train_mod.build_trainer, Trainer.train
+    build, real_train = trainer_mod.build_trainer, Trainer.train
 
     def spy(*args, **kwargs):
         box["trainer"] = build(*args, **kwargs)
@@ -65,7 +65,7 @@ def captured(monkeypatch):
         box["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         return real_train(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "build_trainer", spy)
+    monkeypatch.setattr(trainer_mod, "build_trainer", spy)
     monkeypatch.setattr(Trainer, "train", snapshot_then_train)
     return box
 

@@ -4,13 +4,14 @@ change, and that the saved adapter reloads with plain peft to the same logits.""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
 
 from qlora_lab import train as train_mod
-from qlora_lab.config import validate
 from qlora_lab.errors import ConfigError
+from qlora_lab.validate import validate
 from tests.conftest import TINY, compose_train
 
 ADAPTERS = ["lora", "rslora", "dora", "pissa", "olora", "loftq", "prefix", "prompt", "ptuning", "ia3", "full"]
@@ -38,9 +39,13 @@ def reload_plain(cfg, run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_lab.models import _disable_cpu_inference_repacking, quantization_config, resolve_dtype, resolve_model_path
-
-    from qlora_lab.models import device_map
+    from qlora_lab.models import (
+        _disable_cpu_inference_repacking,
+        device_map,
+        quantization_config,
+        resolve_dtype,
+        resolve_model_path,
+    )
     kwargs = dict(device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
     if cfg.adapter.method == "full":
         return AutoModelForCausalLM.from_pretrained(run_dir / "adapter", **kwargs)
@@ -153,7 +158,7 @@ def test_prefix_with_activation_checkpointing_is_refused_with_the_reason(field):
 
 
 def test_fast_dropout_has_dropouts_distribution_and_gradient():
-    from qlora_lab.adapters import FastDropout
+    from qlora_lab.cpu.dropout import FastDropout
 
     torch.manual_seed(0)
     drop = FastDropout(0.05).train()
@@ -172,7 +177,7 @@ def test_fast_dropout_has_dropouts_distribution_and_gradient():
 
 
 def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradients(monkeypatch):
-    from qlora_lab import adapters
+    from qlora_lab.cpu import dropout as adapters
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(64, 4, bias=False), torch.nn.Linear(4, 64, bias=False)  # a LoRA branch: B(A(drop(x)))
@@ -235,8 +240,8 @@ def test_fast_dropout_recomputes_its_saved_output_in_backward_to_the_same_gradie
 
 @pytest.mark.parametrize("impl", ["fast", "auto"])
 def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured, impl):
-    from qlora_lab import kernels
-    from qlora_lab.adapters import FastDropout, resolve_dropout_impl
+    from qlora_lab.cpu import kernels
+    from qlora_lab.cpu.dropout import FastDropout
 
     cfg = compose_train([*TINY, f"adapter.dropout_impl={impl}", "trainer.max_steps=2", "score_before=false",
                          "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path)
@@ -248,7 +253,9 @@ def test_fast_dropout_replaces_lora_dropout_and_trains(tmp_path, captured, impl)
     on_cuda = torch.cuda.is_available()
     dropout_impl = {"fast": "fast", "auto": "torch" if on_cuda else "recompute"}[impl]
     kernel_impl = "none" if on_cuda else "lean"
-    assert resolve_dropout_impl(cfg.adapter) == dropout_impl and trainer.kernels == kernel_impl
+    recorded = json.loads((tmp_path / "plan.json").read_text())
+    assert recorded["dropout_impl"] == dropout_impl and recorded["kernels"] == kernel_impl
+    assert trainer.kernels == kernel_impl
     fast = [m for m in model.modules() if isinstance(m, FastDropout)]
     torch_dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     if dropout_impl == "torch":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_lab import allocator
+from qlora_lab.cpu import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_mimalloc = pytest.mark.skipif(sys.platform != "linux" or allocator.library("mimalloc") is None,
@@ -17,7 +17,7 @@ needs_mimalloc = pytest.mark.skipif(sys.platform != "linux" or allocator.library
 
 
 def _child_allocator(env: dict[str, str]) -> str:
-    code = "from qlora_lab import allocator; print(allocator.active())"
+    code = "from qlora_lab.cpu import allocator; print(allocator.active())"
     return subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, check=True, timeout=120).stdout.strip()
 
@@ -73,8 +73,9 @@ def test_preload_env_starts_a_process_with_the_allocator_and_system_clears_it():
 def test_the_cli_reexecutes_its_command_line_once_and_hands_children_the_callers_environment():
     """exec_with replaces the process (same pid) by the same command line with the allocator; the re-executed process
     gets the caller's environment back (no preload for the processes it starts) and never re-executes again."""
-    code = ("import os, sys; from qlora_lab import allocator; print(os.getpid(), allocator.active(), flush=True); "
-            "allocator.exec_with(sys.argv[1:]); "
+    # argv[0] as the console script's: only the CLI itself re-executes (test below)
+    code = ("import os, sys; from qlora_lab.cpu import allocator; print(os.getpid(), allocator.active(), flush=True); "
+            "sys.argv[0] = '/venv/bin/qlora-lab'; allocator.exec_with(sys.argv[1:]); "
             "print('left', 'libmimalloc' in os.environ.get('LD_PRELOAD', ''), allocator.GUARD in os.environ)")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.GUARD)}
     out = subprocess.run([sys.executable, "-c", code, "train", "allocator=mimalloc"],
@@ -87,6 +88,30 @@ def test_the_cli_reexecutes_its_command_line_once_and_hands_children_the_callers
     assert left == ["left", "False", "False"]
 
 
+def test_only_the_cli_program_counts_as_the_cli():
+    assert allocator.is_cli_program("/venv/bin/qlora-lab")
+    assert allocator.is_cli_program("/work/main/qlora_lab/__main__.py")          # python -m qlora_lab
+    assert not allocator.is_cli_program("/home/me/wrapper.py")
+    assert not allocator.is_cli_program("-c")
+    assert not allocator.is_cli_program("/venv/lib/python3.11/site-packages/pytest/__main__.py")
+
+
+def test_preloaded_libraries_come_from_this_environment_or_the_system_only(tmp_path, monkeypatch):
+    """A jemalloc in another environment (a CONDA_PREFIX that is not this interpreter's) is never picked."""
+    other = tmp_path / "other-env" / "lib"
+    other.mkdir(parents=True)
+    (other / "libjemalloc.so.2").write_bytes(b"")
+    monkeypatch.setenv("CONDA_PREFIX", str(other.parent))
+    allocator.library.cache_clear()
+    try:
+        found = allocator.library("jemalloc")
+        assert found is None or not found.startswith(str(tmp_path))
+        assert not allocator._in_allowed_dirs(other / "libjemalloc.so.2")
+        assert allocator._in_allowed_dirs(Path(sys.prefix) / "lib" / "x.so")
+    finally:
+        allocator.library.cache_clear()
+
+
 def test_no_reexec_when_called_from_python_or_when_the_user_preloaded_an_allocator(monkeypatch):
     def refuse(*a):
         raise AssertionError("re-executed")
@@ -96,6 +121,9 @@ def test_no_reexec_when_called_from_python_or_when_the_user_preloaded_an_allocat
     monkeypatch.setattr(allocator, "active", lambda: "system")
     monkeypatch.setattr(allocator, "resolve", lambda name: "mimalloc" if name == "auto" else name)
     monkeypatch.setattr(allocator, "problem", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["/home/me/wrapper.py"])
+    allocator.exec_with(["train", "allocator=mimalloc"])         # a wrapper script calling cli.main(): never
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/qlora-lab", "train"])
     allocator.exec_with(["train"], entry_point=False)            # cli.main(["train", ...]) from other code
     monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libtcmalloc.so.4")
     allocator.exec_with(["train"])                               # auto: the user's own allocator stays

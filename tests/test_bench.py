@@ -32,7 +32,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
     assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
-    from qlora_lab import allocator  # each worker ran with its recipe's allocator: ours as `qlora-lab train` would
+    from qlora_lab.cpu import allocator  # each worker ran with its recipe's allocator: ours as `qlora-lab train` would
 
     assert ours["allocator"] == allocator.resolve("auto") and plain["allocator"] == "system"
     (ratio,) = out["ratios"]

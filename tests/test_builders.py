@@ -72,8 +72,12 @@ def test_full_fine_tuning_has_no_peft_config():
 def test_loss_auto_takes_trls_loss_where_only_it_computes_the_configured_loss():
     from transformers import LlamaConfig, MixtralConfig
 
-    from qlora_lab.config import ConfigError, validate
-    from qlora_lab.train import loss_impl
+    from qlora_lab.errors import ConfigError
+    from qlora_lab.plan import _loss
+    from qlora_lab.validate import validate
+
+    def loss_impl(cfg, model_config):
+        return _loss(cfg, model_config, [])
 
     llama = LlamaConfig(num_hidden_layers=1)
     assert loss_impl(compose_train([]), llama) == "selective"
@@ -88,14 +92,16 @@ def test_loss_auto_takes_trls_loss_where_only_it_computes_the_configured_loss():
 
 @pytest.mark.parametrize("value, on", [("null", False), ("false", False), ("true", True)])
 def test_gradient_checkpointing_unset_means_off_not_trls_default(tmp_path, value, on):
-    from qlora_lab.train import build_sft_config
+    from qlora_lab.sftconfig import build_sft_config
 
-    args = build_sft_config(compose_train([f"trainer.gradient_checkpointing={value}"]).trainer, tmp_path)
+    args = build_sft_config(compose_train([f"trainer.gradient_checkpointing={value}"]).trainer, tmp_path, cuda=False,
+                            mixed_precision="no")
     assert args.activation_checkpointing is on
 
 
 def test_an_adapter_on_the_output_layer_is_refused_with_the_alternative():
-    from qlora_lab.config import ConfigError, validate
+    from qlora_lab.errors import ConfigError
+    from qlora_lab.validate import validate
 
     refused = r"TRL's SFTTrainer trains no adapter on lm_head.*modules_to_save=\[lm_head\]"
     with pytest.raises(ConfigError, match=refused):
@@ -103,7 +109,8 @@ def test_an_adapter_on_the_output_layer_is_refused_with_the_alternative():
 
 
 def test_trainer_settings_transformers_refuses_are_reported_with_the_rest_before_loading():
-    from qlora_lab.config import ConfigError, validate
+    from qlora_lab.errors import ConfigError
+    from qlora_lab.validate import validate
 
     with pytest.raises(ConfigError) as e:
         validate(compose_train(["adapter.r=0", "trainer.load_best_model_at_end=true", "trainer.eval_strategy=steps",

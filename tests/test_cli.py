@@ -56,7 +56,7 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
     assert not list(run.glob(".*tmp*")), "temporary folders left behind"
     # the CLI re-executed itself with the allocator that allocator=auto stands for here (mimalloc on Linux CPU)
-    from qlora_lab import allocator
+    from qlora_lab.cpu import allocator
 
     assert json.loads((run / "environment.json").read_text())["allocator"] == allocator.resolve("auto")
 

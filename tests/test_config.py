@@ -12,11 +12,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from qlora_lab.config import (DEPRECATED_TRAINER_ALIASES, OWNED_TRAINER_FIELDS, TrainerConfig, trainer_field_help,
-                              validate)
-from qlora_lab.errors import ConfigError
 from qlora_lab.config import CONF_DIR
-from qlora_lab.train import build_sft_config
+from qlora_lab.errors import ConfigError
+from qlora_lab.sftconfig import (
+    DEPRECATED_TRAINER_ALIASES,
+    OWNED_TRAINER_FIELDS,
+    TrainerConfig,
+    build_sft_config,
+    trainer_field_help,
+)
+from qlora_lab.validate import validate
 from tests.conftest import compose_train
 
 GROUPS = ["model", "quant", "adapter", "data", "trainer"]
@@ -36,7 +41,7 @@ def shipped_options():
 @pytest.mark.parametrize("option", list(shipped_options()))
 def test_every_shipped_option_composes_and_validates(option, monkeypatch):
     group, name = option.split("/")
-    monkeypatch.setattr("qlora_lab.config._has_cuda", lambda: True)  # loftq validates only where CUDA exists
+    monkeypatch.setattr("qlora_lab.validate._has_cuda", lambda: True)  # loftq validates only where CUDA exists
     cfg = compose_train([f"{group}={name}", *REQUIRED.get(option, [])])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)  # no ??? left
@@ -127,7 +132,7 @@ def test_trainer_group_maps_one_to_one_onto_sftconfig(tmp_path):
 
     cfg = compose_train(["trainer.learning_rate=3e-4", "trainer.lr_scheduler_type=linear", "trainer.max_steps=7",
                          "trainer.gradient_checkpointing=true"])
-    args = build_sft_config(cfg.trainer, tmp_path)
+    args = build_sft_config(cfg.trainer, tmp_path, cuda=False, mixed_precision="bf16")
     assert isinstance(args, SFTConfig)
     assert (args.learning_rate, args.max_steps, str(args.lr_scheduler_type.value)) == (3e-4, 7, "linear")
     assert args.activation_checkpointing is True  # the deprecated alias, when set, wins
@@ -220,7 +225,7 @@ def test_unknown_keys_are_listed_with_the_other_problems():
     ("bench", ["model.nme_or_path=x"]),
 ])
 def test_merge_chat_and_bench_report_unknown_keys(name, overrides):
-    from qlora_lab.config import appendable_overrides
+    from qlora_lab.validate import appendable_overrides
 
     cfg = compose_with_hydra(name, appendable_overrides(name, overrides))
     from omegaconf import open_dict
@@ -240,7 +245,7 @@ def test_merge_chat_and_bench_report_unknown_keys(name, overrides):
 
 
 def test_cli_flags_and_known_keys_are_left_to_hydra():
-    from qlora_lab.config import appendable_overrides
+    from qlora_lab.validate import appendable_overrides
 
     given = ["model=tiny-random", "adapter.r=8", "hydra.run.dir=x", "hydra/launcher=basic", "sweep=optuna_lr_rank",
              "data.columns.question=prompt", "+adapter.alhpa=1", "~adapter.alpha", "++adapter.alpha=3"]
@@ -260,7 +265,7 @@ def test_one_process_on_several_gpus_is_refused_where_dataparallel_would_run(mon
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    from qlora_lab.config import _data_parallel_problems
+    from qlora_lab.validate import _data_parallel_problems
 
     cfg = compose_train(["model=tiny-random", f"quant={quant}"])
     problems: list[str] = []

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from qlora_lab import kernels
+from qlora_lab.cpu import kernels
 
 
 def _layer(dtype):
@@ -111,8 +111,8 @@ def test_lean_kernels_equal_the_models_own_modules(model_type, norm, mlp, dtype)
 def test_kernels_auto_behaves_as_its_device_default(tmp_path, captured):
     """kernels=auto keeps exactly what the documented default of this device keeps for backward in a training
     forward (lean on CPU: less than the model's own modules; the model's own modules on CUDA), with the same logits."""
-    from tests.conftest import TINY, compose_train
     from qlora_lab import train as train_mod
+    from tests.conftest import TINY, compose_train
 
     def trained_forward(impl):
         train_mod.train(compose_train([*TINY, f"kernels={impl}", "quant=none", "adapter.dropout=0",

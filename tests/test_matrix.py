@@ -1,7 +1,7 @@
 """Every adapter x quantization pair that the validator accepts on this machine trains a step on the tiny model.
 
 The matrix is generated, not hand-picked: every preset in conf/adapter times every preset in conf/quant, kept
-where :func:`qlora_lab.config.validate` accepts it here (LoftQ, for one, is refused without CUDA). A pair the
+where :func:`qlora_lab.validate.validate` accepts it here (LoftQ, for one, is refused without CUDA). A pair the
 validator lets through must then run: one training step, the held-out eval loss and one generated task answer
 (the forward outside the trainer's autocast, where IA3 on a bitsandbytes base used to fail).
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from qlora_lab import train as train_mod
-from qlora_lab.config import ADAPTER_METHODS, CONF_DIR, QUANT_METHODS, validate
+from qlora_lab.config import CONF_DIR
 from qlora_lab.errors import ConfigError
+from qlora_lab.validate import ADAPTER_METHODS, QUANT_METHODS, validate
 from tests.conftest import compose_train
 
 ONE_STEP = ["model=tiny-random", "data.max_train_samples=4", "data.max_eval_samples=2", "data.task_eval_samples=1",

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from qlora_lab import chat as chat_mod
-from qlora_lab.errors import UserError
 from qlora_lab.config import CONF_DIR
+from qlora_lab.errors import UserError
 from qlora_lab.merge import merge
 from qlora_lab.train import train
 from tests.conftest import TINY, compose_train
@@ -166,7 +166,7 @@ def finished_run_dir(folder: Path, overrides: list[str]) -> Path:
     one: the refusals below happen before any weight is read."""
     from omegaconf import OmegaConf
 
-    from qlora_lab.train import RUN_CONFIG
+    from qlora_lab.rundir import RUN_CONFIG
 
     folder.mkdir(parents=True)
     OmegaConf.save(compose_train([*QUICK, *overrides], folder), folder / RUN_CONFIG)

@@ -236,7 +236,7 @@ def test_streaming_reads_a_local_file_lazily(tokenizer, tmp_path):
     (["data.roles={human:person}"], "data.roles.human='person'"),
 ])
 def test_validator_names_data_problems(overrides, needle):
-    from qlora_lab.config import validate
+    from qlora_lab.validate import validate
 
     with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("(", r"\(")):
         validate(compose_train(overrides))

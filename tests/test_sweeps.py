@@ -42,17 +42,17 @@ def test_grid_2x2_writes_four_runs_and_a_report_naming_the_best(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is reset through Linux's /proc")
 def test_peak_memory_is_reset_per_job(monkeypatch):
     """Jobs of a sweep share one process (basic launcher): each job's peak_mem_mb starts at its own reset."""
-    from qlora_lab import train as train_mod
+    from qlora_lab import measure
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the CPU path: peak RSS (VmHWM)
-    train_mod._reset_peak_mem()
-    start = train_mod._peak_mem_mb()
+    measure.reset_peak()
+    start = measure.peak_mb()
     big = b"\x01" * (600 * 2**20)  # 600 MiB, every page written (resident)
-    first_job = train_mod._peak_mem_mb()
+    first_job = measure.peak_mb()
     assert first_job > start + 500, (start, first_job)
     del big  # returned to the OS (a block this large is its own mmap)
-    train_mod._reset_peak_mem()
-    second_job = train_mod._peak_mem_mb()
+    measure.reset_peak()
+    second_job = measure.peak_mb()
     assert second_job < first_job - 400, (first_job, second_job)
 
 

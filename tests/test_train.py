@@ -59,8 +59,13 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, capt
     train_mod.train(cfg)
     trained = captured["trainer"].model.eval()
 
-    from qlora_lab.models import (_disable_cpu_inference_repacking, device_map, quantization_config,
-                                  resolve_dtype, resolve_model_path)
+    from qlora_lab.models import (
+        _disable_cpu_inference_repacking,
+        device_map,
+        quantization_config,
+        resolve_dtype,
+        resolve_model_path,
+    )
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"),
                                                 quantization_config=quantization_config(cfg.quant),
                                                 device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
@@ -271,26 +276,36 @@ def test_memory_budget_checkpoints_every_nth_layer_and_trains_the_same_adapter(t
 
 
 def test_checkpoint_every_n_picks_the_fewest_layers_that_fit():
+    """The plan checkpoints every n-th layer with the largest n whose estimate fits memory_budget_gb."""
     from omegaconf import open_dict
-    from transformers import AutoTokenizer
 
-    from qlora_lab import estimate, models
+    from qlora_lab import estimate, models, plan
 
     cfg = compose_train(["model=tiny-random"])
     path = models.resolve_model_path(cfg.model.name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
-    rows = [{"prompt": [{"role": "user", "content": "word " * 200}],
-             "completion": [{"role": "assistant", "content": "yes"}]}] * 4
+    model_config = models.model_config(cfg.model, path)
+    machine = plan.Machine(device="cpu", accelerator="cpu", bf16=True, world_size=1)
+    shape = (400, 0.1)
     with open_dict(cfg):
         cfg.trainer.per_device_train_batch_size = 64
-    model_config, kwargs = estimate._run_inputs(cfg, path, tok, rows)
-    none, half, every = (estimate.estimate(model_config, **{**kwargs, "checkpointing": share})["total_bytes"]
+
+    def planned(budget):
+        with open_dict(cfg):
+            cfg.memory_budget_gb = budget
+        p = plan.make(cfg, machine, model_config, shape)
+        return p.checkpoint_every, p.checkpointing_by
+
+    kwargs = dict(quant="nf4", adapter="lora", r=16, dropout=0.05, dropout_impl="recompute", kernels="lean",
+                  batch=64, seq_len=400, loss="selective", loss_tokens=0.1)
+    none, half, every = (estimate.estimate(model_config, **kwargs, checkpointing=share)["total_bytes"] / 2**30
                          for share in (False, 0.5, True))
     assert none > half and none > every
-    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=none) is None     # fits as it is
-    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=none - 1) == (none, 2)  # n=2: the largest n
-    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=half) == (none, 2)
-    assert estimate.checkpoint_plan(cfg, path, tok, rows, budget_bytes=min(half, every) - 1) == (none, 1)  # nothing fits
+    assert planned(none) == (0, "none")                      # fits as it is
+    assert planned(none * (1 - 1e-6)) == (2, "budget")       # n=2: the largest n (2 layers)
+    assert planned(half) == (2, "budget")
+    assert planned(min(half, every) * (1 - 1e-6)) == (1, "budget")  # nothing fits: every layer
+    assert planned(None) == (0, "none")
+    assert planned("auto") == (0, "none")                    # auto on CPU: no budget
 
 
 @pytest.mark.parametrize("batching", ["shuffled", "padding_free"])

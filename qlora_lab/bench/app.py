@@ -30,12 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from qlora_lab import estimate, models
-from qlora_lab.cpu import allocator
 from qlora_lab.bench.rows import bench_rows, write_rows
 from qlora_lab.config import CONF_DIR, BenchRunConfig, register_configs
-from qlora_lab.validate import check_choice, unknown_key_problems
+from qlora_lab.cpu import allocator
 from qlora_lab.errors import ConfigError, exit_on_user_error
 from qlora_lab.files import write_json_atomic, write_text_atomic
+from qlora_lab.validate import check_choice, unknown_key_problems
 
 log = logging.getLogger(__name__)
 METHODS = ("qlora", "lora", "full", "prefix")

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import torch
 
 
-
 def _draw_keep(seed: int, shape: torch.Size, device: torch.device, threshold: int) -> torch.Tensor:
     """The keep-mask of a FastDropout call: one 64-bit draw per four elements, each 16 bits against the threshold."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -125,8 +124,6 @@ class FastDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, recompute={self.recompute}"
-
-
 
 
 def use_dropout_impl(model, impl: str) -> int:

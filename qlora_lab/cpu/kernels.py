@@ -28,7 +28,6 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
-
 log = logging.getLogger(__name__)
 
 # model_type -> (module, its RMSNorm class, its MLP class), from transformers; each family is tested in
@@ -41,7 +40,6 @@ LEAN_FAMILIES = {
 }
 # peft LoRA layers over nn.Linear and bitsandbytes' Linear4bit (peft.tuners.lora.layer / .bnb)
 LEAN_LORA_LAYERS = {"Linear", "Linear4bit"}
-
 
 
 def lean_classes(model_type: str) -> tuple[type, type] | None:
@@ -155,20 +153,19 @@ def apply_lean_lora(model) -> int:
 
 
 def apply_lean(model) -> int:
-    """Replace the forward of every RMSNorm / SiLU MLP of ``model``'s family (LEAN_FAMILIES, matched by exact type);
-    returns how many were patched (0 for other families)."""
-    classes = lean_classes(getattr(model.config, "model_type", ""))
-    if classes is None:
-        log.info("kernels=lean: %s; the model runs its own modules", lean_unsupported(model.config.model_type))
-        return 0
-    norm_cls, mlp_cls = classes
+    """Replace the forward of every RMSNorm / SiLU MLP of ``model`` whose exact type is one of LEAN_FAMILIES'
+    classes; returns how many were patched (0 for other families: they run their own modules)."""
+    families = [lean_classes(t) for t in LEAN_FAMILIES]
+    norms, mlps = {n for n, _ in families}, {m for _, m in families}
     patched = 0
     for module in model.modules():
-        if type(module) is norm_cls and hasattr(module, "variance_epsilon"):
+        if type(module) in norms and hasattr(module, "variance_epsilon"):
             module.forward = MethodType(_rmsnorm_forward, module)
             patched += 1
-        elif (type(module) is mlp_cls and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        elif (type(module) in mlps and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
               and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
             module.forward = MethodType(_mlp_forward, module)
             patched += 1
+    if not patched:
+        log.info("kernels=lean: no module of %s in this model; it runs its own modules", ", ".join(LEAN_FAMILIES))
     return patched
