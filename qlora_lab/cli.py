@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: the configs are not at {conf}: qlora_lab runs from its checkout. Fix: in the checkout, "
               "`pip install -e .` (make does), or run `python -m qlora_lab` there.", file=sys.stderr)
         sys.exit(2)
+    if any(a in ("--help", "-h") for a in rest):
+        print(settings_help(command))  # then Hydra's own help: the groups and the composed config
     module_name, _, entry = COMMANDS[command][0].partition(":")
     module = importlib.import_module(module_name)
     rest = _unknown_keys_to_validator(command, rest)
@@ -56,6 +59,33 @@ def main(argv: list[str] | None = None) -> None:
     _check_sweeper_storage(rest)
     sys.argv = [f"qlora-lab {command}", *rest]  # Hydra reads its overrides from sys.argv
     getattr(module, entry or "main")()
+
+
+def settings_help(command: str) -> str:
+    """Every setting of ``command``'s schema with the first sentence of its docstring (config.field_help)."""
+    import dataclasses
+
+    from qlora_lab.config import SCHEMAS, TrainerConfig, field_help
+
+    schema = SCHEMAS.get(command)
+    if schema is None:
+        return ""
+    lines = [f"Settings of `qlora-lab {command}` (key=value on the command line; docs in qlora_lab/config.py):"]
+
+    def walk(s: type, prefix: str) -> None:
+        for f in dataclasses.fields(s):
+            sub = f.default_factory if isinstance(f.default_factory, type) else None
+            if sub is TrainerConfig:
+                lines.append(f"  {prefix}{f.name}.*  TRL's SFTConfig fields (trainer.learning_rate=...; TRL's docs)")
+            elif sub is not None and dataclasses.is_dataclass(sub):
+                walk(sub, f"{prefix}{f.name}.")
+            else:
+                doc = " ".join(field_help(s, f.name).split())
+                first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", doc)[0].rstrip(".")  # its first sentence
+                lines.append(f"  {prefix}{f.name}  {first[:150]}{'...' if len(first) > 150 else ''}")
+
+    walk(schema, "")
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_keys_to_validator(command: str, argv: list[str]) -> list[str]:
