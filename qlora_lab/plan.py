@@ -67,7 +67,7 @@ class Machine:
         gpu = torch.cuda.is_available()
         name = memory = None
         if gpu:
-            props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0)))
+            props = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0")))
             name, memory = props.name, round(props.total_memory / 2**30, 1)
         accelerator = ("rocm" if getattr(torch.version, "hip", None) else "cuda") if gpu else "cpu"
         return cls(device="cuda" if gpu else "cpu", accelerator=accelerator, bf16=bf16_supported(),
@@ -343,9 +343,12 @@ def _task_metric(data_cfg: DictConfig, task_rows: int) -> str:
 
 
 def _data_format(stats: dict[str, Any] | None) -> str:
-    sources = (stats or {}).get("sources") or []
-    formats = [s.get("format") for s in sources if s.get("format")]
-    return "+".join(formats) if formats else "detected while streaming"
+    if stats is None:
+        return "not prepared"
+    formats = [s.get("format") for s in stats.get("sources") or [] if s.get("format")]
+    if formats:
+        return "+".join(formats)
+    return "detected while streaming" if stats.get("streaming") else "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,6 +363,10 @@ def describe(plan: Plan) -> str:
     est = f"{plan.estimated_gb:.2f} GiB" if plan.estimated_gb is not None else "n/a"
     if plan.memory_budget_gb is not None:
         est += f" (budget {plan.memory_budget_gb:g} GiB)"
+    capacity, where_mem = (m.gpu_memory_gb, m.gpu_name) if m.gpu_memory_gb else (_ram_gb(), "RAM")
+    if plan.estimated_gb is not None and capacity:  # "will it fit?", before any weight is loaded
+        fits = "fits" if plan.estimated_gb < 0.9 * capacity else "WILL NOT FIT"
+        est += f", {fits} in {capacity:.1f} GiB of {where_mem}"
     rows = [("machine", f"{m.accelerator}, {where}, bf16 {'yes' if m.bf16 else 'no'}, {m.world_size} process(es)"),
             ("dtypes", f"weights {plan.model_dtype}, 4-bit compute {plan.compute_dtype or '-'}, "
                        f"mixed precision {plan.mixed_precision}"),
@@ -371,6 +378,13 @@ def describe(plan: Plan) -> str:
     width = max(len(k) for k, _ in rows)
     lines = ["Plan:"] + [f"  {k:<{width}}  {v}" for k, v in rows] + [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _ram_gb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The C allocator a training process starts with (qlora_lab/allocator.py)."""
+"""The C allocator a training process starts with (qlora_lab/cpu/allocator.py)."""
 
 from __future__ import annotations
 
