@@ -15,7 +15,6 @@ approximation, which is why `qlora-lab bench` records the estimate beside the me
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -100,27 +99,6 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     return {"weights_bytes": int(weights), "trainable_bytes": int(trainable), "activations_bytes": int(activations),
             "logits_bytes": int(logits), "total_bytes": int(total), "trainable_params": int(trainable_params),
             "params": int(n["total"])}
-
-
-def describe(est: dict[str, Any], capacity_bytes: int | None = None, where: str = "") -> str:
-    parts = ", ".join(f"{k.removesuffix('_bytes')} {est[k] / GiB:.2f}"
-                      for k in ("weights_bytes", "trainable_bytes", "activations_bytes", "logits_bytes"))
-    line = f"Memory estimate: {est['total_bytes'] / GiB:.2f} GiB ({parts} GiB)"
-    if capacity_bytes:
-        verdict = "fits" if est["total_bytes"] < 0.9 * capacity_bytes else "WILL NOT FIT"
-        line += f" — {verdict} in {capacity_bytes / GiB:.1f} GiB{where}"
-    return line
-
-
-def device_capacity() -> tuple[int | None, str]:
-    """(bytes, description) of the training device's memory: the GPU's total, or the machine's RAM."""
-    if torch.cuda.is_available():
-        idx = torch.cuda.current_device()
-        return torch.cuda.get_device_properties(idx).total_memory, f" on {torch.cuda.get_device_name(idx)}"
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), " of RAM"
-    except (ValueError, OSError, AttributeError):
-        return None, ""
 
 
 def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tuple[int, float]:
