@@ -101,6 +101,18 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
             "params": int(n["total"])}
 
 
+def shape_or_none(tokenizer, rows, max_length: int | None) -> tuple[int, float] | None:
+    """:func:`data_shape`, or None where the rows cannot be sampled (a streamed dataset has no length and no
+    slicing): an estimate never stops a run."""
+    if not hasattr(rows, "__len__"):
+        return None
+    try:
+        return data_shape(tokenizer, rows, max_length)
+    except Exception as e:  # noqa: BLE001
+        log.debug("no data shape for the memory estimate: %s", e)
+        return None
+
+
 def data_shape(tokenizer, rows, max_length: int | None, sample: int = 256) -> tuple[int, float]:
     """(padded length of a batch — the longest row, capped at max_length — and the labelled share of tokens).
 

@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- plan: every `auto` decided once for this machine, before any weight is loaded (plan.py). After the data,
     # because the memory estimate that picks the checkpointing needs the rows' lengths.
     the_plan = plan.make(cfg, plan.Machine.detect(), models.model_config(cfg.model, model_path),
-                         estimate.data_shape(tokenizer, train_ds, cfg.trainer.max_length), prepared.stats,
+                         estimate.shape_or_none(tokenizer, train_ds, cfg.trainer.max_length), prepared.stats,
                          len(prepared.task_rows))
     if main_process:
         log.info("%s", plan.describe(the_plan))

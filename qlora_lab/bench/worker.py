@@ -131,7 +131,7 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     tokenizer = models.build_tokenizer(cfg.model, model_path)
     prepared = prepare.prepare(cfg, tokenizer)
     the_plan = plan.make(cfg, plan.Machine.detect(), models.model_config(cfg.model, model_path),
-                         estimate.data_shape(tokenizer, prepared.train, cfg.trainer.max_length), prepared.stats,
+                         estimate.shape_or_none(tokenizer, prepared.train, cfg.trainer.max_length), prepared.stats,
                          len(prepared.task_rows))
     trainer = setup(cfg, the_plan, model_path, tokenizer, prepared.train, prepared.eval, Path(spec["output_dir"]))
     for cb in callbacks:
