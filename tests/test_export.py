@@ -203,10 +203,23 @@ def test_embedded_model_exports_within_targets(tmp_path_factory, tmp_path):
                     reason="llama.cpp's Python binding is not installed (pip install llama-cpp-python builds it)")
 @pytest.mark.integration
 @needs_converter
-def test_llama_cpp_answers_like_the_merged_model(lora_run, tmp_path):
+def test_llama_cpp_answers_like_the_merged_model(lora_run, tmp_path, monkeypatch):
     """llama.cpp itself loads the q8_0 GGUF and its greedy answer to a held-out prompt equals the merged model's."""
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    # Without the extra weight buffer types (repacked weights for AMX / AVX512 kernels): llama-cpp-python builds ggml
+    # with -march=native, and on a VM whose CPU reports AMX but refuses tile instructions, its q8_0 matmul dies with
+    # SIGILL (tilezero in ggml_backend_amx_mul_mat, measured on the 2-core dev machine). The plain CPU kernels read the
+    # same weights; what is checked here is the file.
+    defaults = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(lib, "llama_model_default_params", without_extra_buffers)
     info = export.export(export_cfg([f"run={lora_run}", f"out={tmp_path}", "types=[q8_0]", "check_prompts=1"]))
     answer = info["checks"]["q8_0"]["answers"][0]
     llm = Llama(model_path=info["files"][0], n_ctx=1024, verbose=False)
