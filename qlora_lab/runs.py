@@ -107,11 +107,21 @@ def prompt_logits(model, tokenizer, prompts: list) -> list[torch.Tensor]:
 @torch.no_grad()
 def compare_logits(reference: list[torch.Tensor], candidate, tokenizer, prompts: list) -> dict:
     """max |Δlogit| and top-1 agreement of ``candidate`` vs the ``reference`` logits (prompt_logits) of ``prompts``."""
-    max_delta, agree, total = 0.0, 0, 0
-    for a, prompt in zip(reference, prompts, strict=True):
-        b = prompt_logits(candidate, tokenizer, [prompt])[0]
+    return logit_agreement(reference, [prompt_logits(candidate, tokenizer, [p])[0] for p in prompts])
+
+
+def logit_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> dict:
+    """max |Δlogit| and top-1 agreement of two lists of logits of the same prompts; ``flip_max_margin``: the widest
+    lead of the reference's top-1 over its runner-up among the positions where the two disagree (0 when none do):
+    small means the disagreements are near-ties of the reference."""
+    max_delta, agree, total, flip_margin = 0.0, 0, 0, 0.0
+    for a, b in zip(reference, candidate, strict=True):
         max_delta = max(max_delta, (a - b).abs().max().item())
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        same = a.argmax(-1) == b.argmax(-1)
+        agree += same.sum().item()
         total += a.shape[1]
+        top2 = a.topk(2, dim=-1).values
+        margins = (top2[..., 0] - top2[..., 1])[~same]
+        flip_margin = max(flip_margin, margins.max().item() if margins.numel() else 0.0)
     return {"max_abs_logit_delta": round(max_delta, 5), "top1_agreement": round(agree / max(total, 1), 5),
-            "positions": total, "prompts": len(prompts)}
+            "positions": total, "prompts": len(reference), "flip_max_margin": round(flip_margin, 4)}

@@ -46,6 +46,10 @@ def test_gguf_and_ollama_export_read_back_within_targets(lora_run, tmp_path):
         assert meta["chat_template"] == tokenizer.chat_template and "<|im_start|>" in meta["chat_template"]
         assert meta["eos_token_id"] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert info["checks"]["f16"]["max_abs_logit_delta"] <= info["checks"]["q8_0"]["max_abs_logit_delta"]
+    q8 = info["checks"]["q8_0"]  # the file is the merged model quantized to q8_0, measured against that in memory
+    assert q8["metadata"]["tensor_types"]["Q8_0"] == q8["in_memory"]["tensors"] > 0
+    assert q8["conversion_faithful"] and q8["vs_in_memory"]["top1_agreement"] == 1.0
+    assert "in_memory" not in info["checks"]["f16"] and "Q8_0" not in info["checks"]["f16"]["metadata"]["tensor_types"]
     modelfile = (tmp_path / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{lora_run.name}-q8_0.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "{{ range .Messages }}" in modelfile.replace("{{-", "{{")
@@ -59,6 +63,31 @@ def test_an_architecture_the_converter_does_not_know_is_refused_and_nothing_writ
     with pytest.raises(UserError, match="does not support the architecture 'LlamaForCausalLM'.*Nothing was written"):
         export.export(export_cfg([f"run={lora_run}", f"out={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_q8_0_roundtrip_is_ggmls_q8_0():
+    """The in-memory baseline of the q8_0 check quantizes exactly as gguf-py (what llama.cpp's converter calls) does:
+    the same values back, matrices only, norms untouched."""
+    import numpy as np
+    import torch
+    from gguf.quants import GGMLQuantizationType, dequantize, quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 64), torch.nn.Linear(64, 96, bias=False),
+                                torch.nn.LayerNorm(96))
+    with torch.no_grad():
+        model[1].weight[0, :32] = 0  # an all-zero block
+        model[1].weight[1, 5] = 3.0  # an outlier widens its block's scale
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert export.q8_0_roundtrip(model) == 2
+    for name, param in model.named_parameters():
+        if param.ndim == 2:
+            x = before[name].numpy()
+            expected = dequantize(quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+            assert np.array_equal(param.detach().numpy(), expected), name
+            assert not torch.equal(param, before[name])
+        else:
+            assert torch.equal(param, before[name]), name
 
 
 def test_prompt_learning_adapters_are_refused_before_anything_is_written(tmp_path):
@@ -156,22 +185,41 @@ def test_embedded_model_exports_within_targets(tmp_path_factory, tmp_path):
     info = export.export(export_cfg([f"run={run}", f"out={tmp_path}", "check_prompts=4"]))
     f16, q8 = info["checks"]["f16"], info["checks"]["q8_0"]
     assert f16["top1_agreement"] >= 0.995 and f16["meets_target"] and f16["greedy_same"] == 4
-    # q8_0 on this 135M model measured 95.3% top-1 and 1 of 4 greedy answers the same (2026-12-01), below the 98%
-    # target: the export says so (meets_target false, "BELOW TARGET" in its table) instead of passing it off
+    # q8_0 falls short of the issue's 98% on this 135M model (measured 95.3% top-1, 1 of 4 greedy answers the same,
+    # 2026-12-01) and that is q8_0's own cost, not the export's: the file gives exactly the logits of the merged model
+    # quantized to q8_0 in memory (the same agreement, the same answers). The export reports the shortfall as such.
+    assert q8["conversion_faithful"] and q8["vs_in_memory"]["top1_agreement"] == 1.0
+    assert q8["in_memory"]["top1_agreement"] == q8["top1_agreement"]
+    assert q8["in_memory"]["greedy_same"] == q8["greedy_same"]
+    assert q8["in_memory"]["tensors"] == q8["metadata"]["tensor_types"]["Q8_0"] == 211  # 30 layers x 7 + embedding
     assert q8["meets_target"] == (q8["top1_agreement"] >= 0.98)
     assert q8["metadata"]["eos_matches_tokenizer"] and f16["metadata"]["chat_template"]
-    print(json.dumps({k: {f: c[f] for f in ("max_abs_logit_delta", "top1_agreement", "positions", "greedy_same",
-                                            "size_mb")} for k, c in info["checks"].items()}))
+    print(json.dumps({k: {f: c.get(f) for f in ("max_abs_logit_delta", "top1_agreement", "positions", "greedy_same",
+                                                "flip_max_margin", "size_mb", "in_memory", "vs_in_memory")}
+                      for k, c in info["checks"].items()}))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama.cpp's Python binding is not installed (pip install llama-cpp-python builds it)")
 @pytest.mark.integration
 @needs_converter
-def test_llama_cpp_answers_like_the_merged_model(lora_run, tmp_path):
+def test_llama_cpp_answers_like_the_merged_model(lora_run, tmp_path, monkeypatch):
     """llama.cpp itself loads the q8_0 GGUF and its greedy answer to a held-out prompt equals the merged model's."""
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    # Without the extra weight buffer types (repacked weights for AMX / AVX512 kernels): llama-cpp-python builds ggml
+    # with -march=native, and on a VM whose CPU reports AMX but refuses tile instructions, its q8_0 matmul dies with
+    # SIGILL (tilezero in ggml_backend_amx_mul_mat, measured on the 2-core dev machine). The plain CPU kernels read the
+    # same weights; what is checked here is the file.
+    defaults = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(lib, "llama_model_default_params", without_extra_buffers)
     info = export.export(export_cfg([f"run={lora_run}", f"out={tmp_path}", "types=[q8_0]", "check_prompts=1"]))
     answer = info["checks"]["q8_0"]["answers"][0]
     llm = Llama(model_path=info["files"][0], n_ctx=1024, verbose=False)
