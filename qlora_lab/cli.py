@@ -18,7 +18,11 @@ COMMANDS = {
     "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
     "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
     "report": ("qlora_lab.report", "write the sweep report of a multirun folder: report <sweep dir>"),
+    "compare": ("qlora_lab.compare", "settings that differ, scores, speed, loss curves of runs: compare RUN RUN ..."),
+    "runs": ("qlora_lab.compare:runs_main", "list the runs under a folder with status, age, settings, scores"),
 }
+# commands with their own argparse arguments instead of Hydra overrides (no config to compose or check)
+PLAIN_COMMANDS = ("report", "compare", "runs")
 
 USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \
     "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items())
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
               "`pip install -e .` (make does), or run `python -m qlora_lab` there.", file=sys.stderr)
         sys.exit(2)
     module_name, _, entry = COMMANDS[command][0].partition(":")
+    if command in PLAIN_COMMANDS:
+        sys.argv = [f"qlora-lab {command}", *rest]
+        getattr(importlib.import_module(module_name), entry or "main")()
+        return
     module = importlib.import_module(module_name)
     rest = _unknown_keys_to_validator(command, rest)
     if command == "train":
