@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if "-sc" in argv or "--shell-completion" in argv:  # before the command check: Hydra's script sends none
+        from qlora_lab import completion
+
+        sys.exit(completion.main(argv))
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
