@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, allocator, checkpoints, estimate, kernels, models, prepare, report, task
+from qlora_lab import adapters, allocator, checkpoints, estimate, kernels, models, prepare, progress, report, task
 from qlora_lab.config import CONF_DIR, register_configs, validate
 from qlora_lab.distributed import is_main_process, world_size
 from qlora_lab.errors import UserError, exit_on_user_error, in_multirun
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(estimate.describe(fit, *estimate.device_capacity()))
     model = models.build_model(cfg.model, cfg.quant, model_path)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir)
+    trainer.add_callback(progress.EvalSummary(len(eval_ds)))  # a line per held-out evaluation, with its time
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path)
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
