@@ -105,3 +105,10 @@ def test_every_command_is_completed_one_way_or_the_other():
     assert set(COMMANDS) == set(completion.HYDRA_CONFIGS) | set(PLAIN_COMMANDS)
     for name in set(completion.HYDRA_CONFIGS.values()):
         assert (ROOT / "conf" / f"{name}.yaml").is_file()
+
+
+def test_a_completion_request_without_a_shell_says_how(capsys):
+    for argv in (["train", "-sc"], ["-sc", "install=tcsh"]):
+        assert completion.main(argv) == 2
+        assert 'use -sc install=bash (or zsh, fish) to print the script, e.g. eval "$(qlora-lab train -sc ' \
+               'install=bash)"' in capsys.readouterr().err
