@@ -26,7 +26,8 @@ COMMANDS = {
 PLAIN_COMMANDS = ("report", "compare", "runs")
 
 USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \
-    "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items())
+    "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()) + \
+    '\n\ntab completion: eval "$(qlora-lab train -sc install=bash)"   (zsh: install=zsh; fish: -sc install=fish | source)'
 
 
 def main(argv: list[str] | None = None) -> None:
