@@ -98,8 +98,9 @@ def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[
     return train, sorted(evals, key=lambda p: p[0])
 
 
-def draw_losses(ax, log_history: list[dict], label: str = "", color=None, best: bool = False) -> None:
-    """A run's train loss as a line and its held-out eval points as circles (step 0: before training) on ``ax``.
+def draw_losses(ax, log_history: list[dict], label: str = "", color=None, eval_color=None, best: bool = False) -> None:
+    """A run's train loss as a line and its held-out eval points as circles (step 0: before training) on ``ax``,
+    both in ``color`` (the axes' next colour by default) unless ``eval_color`` is given.
 
     A series of one point gets a marker (a line through a single point draws nothing); ``best`` draws it thicker."""
     train, evals = loss_points(log_history)
@@ -109,7 +110,7 @@ def draw_losses(ax, log_history: list[dict], label: str = "", color=None, best: 
                         label=f"{label} train loss".strip())
         color = line.get_color()
     if evals:
-        ax.plot(*zip(*evals), "o--", color=color, lw=width * 0.6, ms=6 if best else 4,
+        ax.plot(*zip(*evals), "o--", color=eval_color or color, lw=width * 0.6, ms=6 if best else 4,
                 label=f"{label} held-out eval loss".strip())
 
 
@@ -117,7 +118,7 @@ def loss_figure(log_history: list[dict], title: str = ""):
     """The figure of loss.png: train and held-out eval loss against the step."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    draw_losses(ax, log_history)
+    draw_losses(ax, log_history, color="C0", eval_color="C1")
     _, evals = loss_points(log_history)
     if evals and evals[0][0] == 0:
         ax.annotate("before training", evals[0], textcoords="offset points", xytext=(6, 4), fontsize=8)
