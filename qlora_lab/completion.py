@@ -46,7 +46,8 @@ ZSH_PREAMBLE = ("(( $+functions[compdef] )) || { autoload -U +X compinit && comp
                 "autoload -U +X bashcompinit && bashcompinit\n")
 FISH_SCRIPT = r"""# qlora-lab completion (fish): qlora-lab train -sc install=fish | source
 function __qlora_lab_complete
-    COMP_LINE=(commandline -cp) %(query)s -sc query=fish 2>/dev/null
+    set -lx COMP_LINE (commandline -cp)
+    %(query)s -sc query=fish 2>/dev/null
 end
 complete -c qlora-lab -f -a '(__qlora_lab_complete)'
 """
