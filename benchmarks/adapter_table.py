@@ -21,11 +21,13 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -57,10 +59,22 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds (user + system) of the finished child processes: the work, whatever else shares the cores."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _run(args: list[str], log: Path, timeout: int) -> tuple[int | None, float]:
+    """Run ``args`` with its output in ``log``; (exit code or None when stopped at ``timeout``, its CPU seconds).
+
+    The CPU seconds (user + system, from wait4) are the work the row did, whatever else shares the cores.
+    """
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    return (None if proc.returncode == -signal.SIGKILL else proc.returncode), cpu
 
 
 def run_row(adapter: str, quant: str, extra: list[str], a: argparse.Namespace) -> dict:
@@ -69,19 +83,16 @@ def run_row(adapter: str, quant: str, extra: list[str], a: argparse.Namespace) -
                 f"trainer.max_steps={a.steps}", "trainer.eval_strategy=no", "trainer.save_strategy=no",
                 "score_before=true", f"data.max_eval_samples={a.eval_samples}",
                 f"data.task_eval_samples={a.task_samples}", "trainer.logging_steps=1", f"hydra.run.dir={tmp}", *extra]
-        load_before, t0, cpu0 = os.getloadavg()[0], time.time(), _children_cpu_s()
-        try:
-            proc = subprocess.run(args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
-        except subprocess.TimeoutExpired:
-            return {"adapter": adapter, "quant": quant, "overrides": extra, "status": "failed",
-                    "error": f"timed out after {a.timeout} s (--timeout)"}
+        load_before, t0 = os.getloadavg()[0], time.time()
+        code, cpu = _run(args, Path(tmp) / "out.log", a.timeout)
         row = {"adapter": adapter, "quant": quant, "overrides": extra, "wall_s": round(time.time() - t0, 1),
-               "cpu_s": round(_children_cpu_s() - cpu0, 1),
-               "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-        if proc.returncode != 0:
-            text = proc.stderr or proc.stdout
+               "cpu_s": round(cpu, 1), "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        if code is None:
+            return {**row, "status": "failed", "error": f"timed out after {a.timeout} s (--timeout)"}
+        if code != 0:
+            text = (Path(tmp) / "out.log").read_text(errors="replace")
             err = text[text.find("error:"):] if "error:" in text else "\n".join(text.splitlines()[-3:])
-            return {**row, "status": "refused" if proc.returncode == 2 else "failed", "error": " ".join(err.split())[:400]}
+            return {**row, "status": "refused" if code == 2 else "failed", "error": " ".join(err.split())[:400]}
         m = json.loads((Path(tmp) / "metrics.json").read_text())
         env = json.loads((Path(tmp) / "environment.json").read_text())
         trainer = yaml.safe_load((Path(tmp) / "config.yaml").read_text())["trainer"]
@@ -130,21 +141,27 @@ def main() -> None:
     ap.add_argument("--task-samples", type=int, default=48, help="held-out rows the task score generates for (demo: 48)")
     ap.add_argument("--only", default="", help="comma-separated adapter names")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds before a row is stopped (recorded as failed)")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at once, each in its own process (peak memory "
+                    "and scores are per process; wall times then share the cores)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     only = set(filter(None, a.only.split(",")))
     name = machine()
     out = {"machine": name, "date": dt.date.today().isoformat(), "commit": _git("rev-parse", "--short", "HEAD"),
            "dirty": bool(_git("status", "--porcelain")), "cpu_count": os.cpu_count(),
-           "settings": {"steps": a.steps, "eval_samples": a.eval_samples, "task_samples": a.task_samples},
+           "settings": {"steps": a.steps, "eval_samples": a.eval_samples, "task_samples": a.task_samples,
+                        "jobs": a.jobs},
            "rows": []}
     t0 = time.time()
-    for adapter, quant, extra in ROWS:
-        if only and adapter not in only:
-            continue
-        row = run_row(adapter, quant, extra, a)
+    todo = [r for r in ROWS if not only or r[0] in only]
+
+    def one(spec: tuple) -> dict:
+        row = run_row(*spec, a)
         print(json.dumps(row), flush=True)
-        out["rows"].append(row)
+        return row
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # each row is its own process either way
+        out["rows"] = list(pool.map(one, todo))
     out["total_wall_s"] = round(time.time() - t0, 1)
     out["total_cpu_s"] = round(sum(r.get("cpu_s", 0) for r in out["rows"]), 1)
     folder = Path(a.out)
