@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -19,10 +20,15 @@ COMMANDS = {
     "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
     "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
     "report": ("qlora_lab.report", "write the sweep report of a multirun folder: report <sweep dir>"),
+    "compare": ("qlora_lab.compare", "settings that differ, scores, speed, loss curves of runs: compare RUN RUN ..."),
+    "runs": ("qlora_lab.compare:runs_main", "list the runs under a folder with status, age, settings, scores"),
 }
+# commands with their own argparse arguments instead of Hydra overrides (no config to compose or check)
+PLAIN_COMMANDS = ("report", "compare", "runs")
 
 USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \
-    "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items())
+    "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()) + \
+    '\n\ntab completion: eval "$(qlora-lab train -sc install=bash)"   (zsh: install=zsh; fish: -sc install=fish | source)'
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if "-sc" in argv or "--shell-completion" in argv:  # before the command check: Hydra's script sends none
+        from qlora_lab import completion
+
+        sys.exit(completion.main(argv))
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
@@ -49,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("--help", "-h") for a in rest):
         print(settings_help(command))  # then Hydra's own help: the groups and the composed config
     module_name, _, entry = COMMANDS[command][0].partition(":")
+    if command in PLAIN_COMMANDS:
+        sys.argv = [f"qlora-lab {command}", *rest]
+        getattr(importlib.import_module(module_name), entry or "main")()
+        return
+    _check_free_text(command, rest)
     module = importlib.import_module(module_name)
     rest = _unknown_keys_to_validator(command, rest)
     if command == "train":
@@ -112,6 +127,94 @@ def _unknown_keys_to_validator(command: str, argv: list[str]) -> list[str]:
             arg, pending = pending[1], next(rewritten, None)
         out.append(arg)
     return out
+
+
+def _free_text_key(key: str) -> bool:
+    """Settings that hold natural-language text: chat's prompt and system_prompt, data.system_prompt,
+    adapter.prompt_init_text."""
+    name = key.lstrip("+~").rsplit(".", 1)[-1]
+    return name.endswith(("prompt", "_text"))
+
+
+def free_text_problem(command: str, overrides: list[str]) -> str | None:
+    """What to tell a user whose text setting Hydra's override parser would reject or misread, or None.
+
+    Hydra parses every ``key=value`` with its override grammar, where commas make a sweep (``Ambiguous value``),
+    quotes, brackets, ``(``, ``#``, ``!`` or ``=`` are syntax, and ``true`` / ``1e-3`` become a bool / a float. A
+    prompt is full of them. The message gives the argument that works, quoted for the shell and for Hydra (checked
+    by parsing it back here), and for chat the other ways in: standard input and prompt_file."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for i, arg in enumerate(overrides):
+        key, eq, text = arg.partition("=")
+        if not eq or not _free_text_key(key):
+            continue
+        # an unquoted prompt arrives split by the shell: the words up to the next key=value belong to it
+        words = []
+        for word in overrides[i + 1:]:
+            if "=" in word or word.startswith("-"):
+                break
+            words.append(word)
+        if words:
+            text = " ".join([text, *words])
+            why = f"the shell split {key}=... into {len(words) + 1} words (it was not in quotes)"
+        else:
+            try:
+                override = parser.parse_override(arg)
+            except HydraException:
+                why = "Hydra's override parser cannot read it (quotes, brackets, '=', '#', '!' are its syntax)"
+            else:
+                value = override.value()
+                if override.is_sweep_override():
+                    why = "Hydra reads its commas as a list of values to sweep over"
+                elif isinstance(value, (list, dict)):
+                    why = f"Hydra reads it as a {type(value).__name__}"
+                elif isinstance(value, (bool, float)) and str(value) != text.strip():
+                    why = f"Hydra reads it as the {type(value).__name__} {value}"
+                else:
+                    continue
+        fix = _quoted_override(parser, key, text)
+        ways = f"Quote it for the shell and for Hydra: {fix}" if fix else "Pass it another way"
+        if command == "chat" and key.lstrip("+") == "prompt":
+            run = next((o for o in overrides if o.startswith("run=")), "run=...")
+            shown = shlex.quote(text) if len(text) <= 80 else "'<the prompt>'"
+            ways += (f"{' — or' if fix else ':'} pipe it in: echo {shown} | qlora-lab chat {run} (or many prompts, "
+                     "one per line, from a file: prompt_file=PATH)")
+        return f"{key}={text[:60]}{'...' if len(text) > 60 else ''}: {why}. {ways}."
+    return None
+
+
+def _quoted_override(parser, key: str, text: str) -> str | None:
+    """``key=<text>`` as one shell word holding a Hydra-quoted string, if it parses back to exactly ``text``."""
+    import re
+
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    quote = "'" if '"' in text and "'" not in text else '"'
+    body = text.replace("${", "\\${")  # OmegaConf would resolve ${...} as an interpolation
+    body = re.sub(rf"(\\*){quote}", lambda m: m.group(1) * 2 + "\\" + quote, body)  # escape the quote
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)  # and the backslashes before the closing one
+    candidate = f"{key}={quote}{body}{quote}"
+    try:
+        if OmegaConf.create({"v": parser.parse_override(candidate).value()}).v != text:
+            return None
+    except HydraException:
+        return None
+    except Exception:  # noqa: BLE001 - OmegaConf's interpolation grammar errors: then no suggestion
+        return None
+    if "'" not in candidate:
+        return f"'{candidate}'"
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", candidate) + '"'  # the shell's double quotes: escape \ " $ `
+
+
+def _check_free_text(command: str, overrides: list[str]) -> None:
+    problem = free_text_problem(command, overrides)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 def sweeper_storage_problem(overrides: list[str]) -> str | None:

@@ -357,6 +357,16 @@ class ChatRunConfig:
     stream: bool = True
     """Print tokens as they are generated."""
 
+    prompt_file: Optional[str] = None
+    """A file of prompts answered one after another: one prompt per line, or a .jsonl file with one JSON value a line
+    (a list of chat messages, {"messages": [...]}, or {"prompt": ..., "completion": ...}; a conversation's final
+    assistant message is kept as the reference, not sent). "-" reads standard input. Without prompt and prompt_file,
+    a prompt piped into standard input (echo ... | qlora-lab chat run=R) is answered once; a terminal gets the
+    interactive chat."""
+    answers: Optional[str] = None
+    """Where prompt_file's answers go, as JSONL (each input line with its "answer"): null = next to prompt_file as
+    <name>.answers.jsonl (standard output for prompt_file=-); "-" = standard output."""
+
 
 @dataclass
 class HubConfig:

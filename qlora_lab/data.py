@@ -322,11 +322,20 @@ def _read_json(fp: Path) -> list[dict[str, Any]]:
 
 
 def file_digest(fp: Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file's content (the cache key of data prepared from it)."""
+    """sha256 of a file's content (the cache key of data prepared from it); a progress bar for files of more than
+    256 MiB (about a second per GiB)."""
+    from qlora_lab.progress import bar
+
     h = hashlib.sha256()
+    size = fp.stat().st_size
+    progress = bar(total=size, desc=f"Hashing {fp.name}", unit="B") if size > 1 << 28 else None
     with fp.open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if progress is not None:
+                progress.update(len(block))
+    if progress is not None:
+        progress.close()
     return h.hexdigest()
 
 

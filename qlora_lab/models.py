@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,11 @@ def _cached(name: str, build) -> Path:
     """Return cache_root()/name, building it with ``build(folder)`` first; the folder appears only when complete."""
     final = cache_root() / name
     if not final.is_dir():
+        started = time.perf_counter()
         with atomic_dir(final) as tmp:
             build(tmp)
+        log.info("Built the %s model in %.1f s, once: later runs load it from %s", name, time.perf_counter() - started,
+                 final)
     return final
 
 
@@ -108,10 +112,16 @@ def _smollm2_gguf_dir() -> Path:
 def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qlora_lab.progress import bar
+
     src = _smollm2_gguf_dir()
-    log.info("Converting the embedded SmolLM2-135M-Instruct (GGUF) to safetensors once, into %s", cache_root())
+    log.info("Converting the embedded SmolLM2-135M-Instruct (GGUF) to safetensors once, into %s (~15 s on 2 CPU "
+             "cores; later runs skip this)", cache_root())
+    steps = bar(total=3, desc="Converting SmolLM2 (tokenizer, weights, save)", unit="step")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    steps.update()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)  # its own bar
+    steps.update()
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are already plain
     # dequantized tensors, so dropping the marker is safe.
     model.hf_quantizer = None
@@ -121,6 +131,8 @@ def _convert_smollm2(out: Path) -> None:
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    steps.update()
+    steps.close()
 
 
 def _build_tiny_random(out: Path) -> None:

@@ -106,6 +106,7 @@ def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
         log.info("Prepared data from cache (%s): %d train / %d held-out rows, %.1f s", entry,
                  len(prepared.train), len(prepared.eval), time.time() - started)
         return prepared
+    log.info("Preparing the data (read, convert, tokenize through the chat template, mask); cached for later runs")
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp.", dir=entry.parent))
     try:
@@ -140,7 +141,8 @@ def _prepare_cached(cfg: DictConfig, tokenizer, task_samples: int) -> Prepared:
     _log_dropped(stats, cfg)
     prepared = _load_entry(entry, task_samples)
     prepared.from_cache = False
-    log.info("Prepared data in %.1f s (cached as %s)", time.time() - started, entry)
+    log.info("Prepared data in %.1f s: %d train / %d held-out rows (cached as %s)", time.time() - started,
+             len(prepared.train), len(prepared.eval), entry)
     return prepared
 
 

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 OBJECTIVE = "eval_loss"
 METRIC_COLUMNS = ("eval_loss", "train_loss", "task_score_before", "task_score_after", "tokens_per_s", "peak_mem_mb",
                   "train_runtime_s", "global_step")
+# a held-out prompt longer than this is shown cut in the middle in report.md (the demo's prompts, ~200, stay whole)
+PROMPT_CHARS = 320
 
 
 def _plt():
@@ -51,8 +53,8 @@ def run_report(cfg, m: dict[str, Any]) -> str:
         f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
         f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
         + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
-        f"- trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
-        f"({100 * m['trainable_params'] / m['total_params']:.2f}%)",
+        (f"- trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
+         f"({100 * m['trainable_params'] / m['total_params']:.2f}%)"),
         f"- steps: {m['global_step']} · train rows: {m['train_rows']} · held-out rows: {m['eval_rows']}"
         + (f" · resumed from `{m['resumed_from']}`" if m.get("resumed_from") else ""),
         "",
@@ -61,8 +63,8 @@ def run_report(cfg, m: dict[str, Any]) -> str:
         f"| held-out task score ({m['task_metric']}, n={m['task_eval_samples']}) | {_fmt(before, 3)} | {_fmt(after, 3)} |",
         f"| held-out eval loss | {_fmt(m.get('eval_loss_before'))} | {_fmt(m['eval_loss'])} |",
         "",
-        f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
-        f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}",
+        (f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
+         f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}"),
         f"- peak memory: {m['peak_mem_mb']:.0f} MiB ({'CUDA allocated' if m['device'] == 'cuda' else 'process RSS'})",
     ]
     if m.get("skipped_updates"):
@@ -70,29 +72,74 @@ def run_report(cfg, m: dict[str, Any]) -> str:
     if m.get("examples"):
         lines += ["", "## Held-out examples (after training)", ""]
         for ex in m["examples"]:
-            lines += [f"- prompt: {ex['prompt'][-160:]!r}", f"  - answer: `{ex['answer']}` "
-                      f"({'correct' if ex['ok'] else 'expected `' + ex['reference'] + '`'})"]
+            lines += [f"- prompt (the user's message): {json.dumps(middle_cut(ex['prompt']), ensure_ascii=False)}",
+                      f"  - answer: `{ex['answer']}` ({'correct' if ex['ok'] else 'wrong'})",
+                      f"  - reference: `{ex['reference']}`"]
     return "\n".join(lines) + "\n"
 
 
-def loss_curve_png(log_history: list[dict], path: Path, title: str = "") -> None:
-    """Plot train (and eval) loss against the step from a Trainer's log history."""
-    plt = _plt()
+def middle_cut(text: str, limit: int = PROMPT_CHARS) -> str:
+    """``text`` whole if it has at most ``limit`` characters, else its beginning and end around an ellipsis: an
+    instruction's first words and the input at its end both stay readable."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) * 3 // 5
+    return f"{text[:head].rstrip()} … {text[len(text) - (limit - 3 - head):].lstrip()}"
+
+
+def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train loss points, held-out eval loss points) of a Trainer log history, as (step, loss).
+
+    The eval points start with the base model's loss before training (``before_loss`` at step 0: train() evaluates
+    it with the adapter off, see train.EvalBeforeTraining) when the history has it, so that the curve shows the gain
+    from the start."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    evals = [(e["step"], e[k]) for e in log_history for k in ("before_loss", "eval_loss") if k in e and "step" in e]
+    return train, sorted(evals, key=lambda p: p[0])
+
+
+def draw_losses(ax, log_history: list[dict], label: str = "", color=None, eval_color=None, best: bool = False) -> None:
+    """A run's train loss as a line and its held-out eval points as circles (step 0: before training) on ``ax``,
+    both in ``color`` (the axes' next colour by default) unless ``eval_color`` is given.
+
+    A series of one point gets a marker (a line through a single point draws nothing); ``best`` draws it thicker."""
+    train, evals = loss_points(log_history)
+    width = 2.6 if best else 1.4
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        line, = ax.plot(*zip(*train), marker="o" if len(train) == 1 else None, lw=width, color=color,
+                        label=f"{label} train loss".strip())
+        color = line.get_color()
     if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out eval loss")
+        ax.plot(*zip(*evals), "o--", color=eval_color or color, lw=width * 0.6, ms=6 if best else 4,
+                label=f"{label} held-out eval loss".strip())
+
+
+def loss_figure(log_history: list[dict], title: str = ""):
+    """The figure of loss.png: train and held-out eval loss against the step."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw_losses(ax, log_history, color="C0", eval_color="C1")
+    _, evals = loss_points(log_history)
+    if evals and evals[0][0] == 0:
+        ax.annotate("before training", evals[0], textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def loss_curve_png(log_history: list[dict], path: Path, title: str = "") -> None:
+    """Plot train and held-out eval loss (from step 0, before training) against the step into ``path``."""
+    save_figure(loss_figure(log_history, title), path, dpi=100)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,7 +212,7 @@ def write_report(sweep_dir: str | Path, objective: str = OBJECTIVE, mode: str = 
     if failed:
         md += ["", "## Failed jobs", ""] + [f"- job `{r['job']}`: {r.get('error', '')}" for r in failed]
     write_text_atomic(sweep_dir / "sweep_report.md", "\n".join(md) + "\n")
-    _plot_sweep(sweep_dir, rows, params, objective)
+    _plot_sweep(sweep_dir, rows, params, objective, best)
     log.info("Sweep report: %s (%d jobs, best: %s)", sweep_dir / "sweep_report.md", len(rows),
              best["job"] if best else "none")
     return {"jobs": len(rows), "best": best, "rows": rows}
@@ -177,25 +224,41 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _plot_sweep(sweep_dir: Path, rows: list[dict], params: list[str], objective: str) -> None:
+def _plot_sweep(sweep_dir: Path, rows: list[dict], params: list[str], objective: str, best: dict | None) -> None:
+    save_figure(sweep_figure(sweep_dir, rows, params, objective, best), sweep_dir / "sweep_report.png", dpi=90)
+
+
+def sweep_figure(sweep_dir: Path, rows: list[dict], params: list[str], objective: str, best: dict | None = None):
+    """The objective against each swept parameter (a log axis for parameters swept on a log scale, the best job a
+    star), and every job's train loss curve (the best job's drawn thicker)."""
     plt = _plt()
     n = len(params) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.8), squeeze=False)
+    log_params = log_scale_params(sweep_dir, rows, params)
+    done = [r for r in rows if r["status"] == "completed" and _finite(r.get(objective))]
     for ax, p in zip(axes[0], params):
-        pts = [(r[p], r[objective]) for r in rows if r["status"] == "completed" and _finite(r.get(objective))]
-        xs = [_num(x) for x, _ in pts]
-        ax.scatter(xs if all(isinstance(x, float) for x in xs) else [str(x) for x, _ in pts], [y for _, y in pts])
-        ax.set_xlabel(p.removeprefix("param:"))
+        xs = [_num(r[p]) for r in done]
+        numeric = all(isinstance(x, float) for x in xs)
+        ax.scatter(xs if numeric else [str(x) for x in xs], [r[objective] for r in done], label="jobs")
+        if best is not None:
+            ax.scatter([_num(best[p]) if numeric else str(best[p])], [best[objective]], marker="*", s=220,
+                       color="crimson", zorder=3, label=f"best: job {best['job']}")
+            ax.legend(fontsize=7)
+        if p in log_params:
+            ax.set_xscale("log")
+        ax.set_xlabel(p.removeprefix("param:") + (" (log scale)" if p in log_params else ""))
         ax.set_ylabel(objective)
         ax.grid(alpha=0.3)
     ax = axes[0][-1]
     for r in rows:
         hist = sweep_dir / r["job"] / "log_history.json"
-        if hist.is_file():
-            h = json.loads(hist.read_text())
-            pts = [(e["step"], e["loss"]) for e in h if "loss" in e and "step" in e]
-            if pts:
-                ax.plot(*zip(*pts), label=f"job {r['job']}")
+        if not hist.is_file():
+            continue
+        train, _ = loss_points(json.loads(hist.read_text()))
+        is_best = best is not None and r["job"] == best["job"]
+        if train:  # one logged point gets a marker: a line through a single point draws nothing
+            ax.plot(*zip(*train), marker="o" if len(train) == 1 else None, lw=2.6 if is_best else 1.2,
+                    zorder=3 if is_best else 2, label=f"job {r['job']}" + (" (best)" if is_best else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_title("loss curves")
@@ -203,8 +266,30 @@ def _plot_sweep(sweep_dir: Path, rows: list[dict], params: list[str], objective:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "sweep_report.png", dpi=90)
-    plt.close(fig)
+    return fig
+
+
+def log_scale_params(sweep_dir: Path, rows: list[dict], params: list[str]) -> set[str]:
+    """The swept parameters drawn on a log axis: numeric, positive, and either sampled on a log scale by the sweep
+    (an Optuna ``tag(log, ...)`` in the sweep's multirun.yaml) or spanning a factor of 10 or more (a grid such as
+    1e-4,1e-3,1e-2, which a linear axis crowds into one corner but for its largest value)."""
+    tagged: set[str] = set()
+    multirun = sweep_dir / "multirun.yaml"
+    if multirun.is_file():
+        try:
+            hydra_cfg = (yaml.safe_load(multirun.read_text()) or {}).get("hydra") or {}
+        except yaml.YAMLError:
+            hydra_cfg = {}
+        swept = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+        tagged = {f"param:{k}" for k, v in swept.items() if str(v).replace(" ", "").startswith("tag(log")}
+    out = set()
+    for p in params:
+        values = [_num(r.get(p)) for r in rows if r.get(p) is not None]
+        if not values or not all(isinstance(v, float) for v in values) or min(values) <= 0:
+            continue
+        if p in tagged or max(values) / min(values) >= 10:
+            out.add(p)
+    return out
 
 
 def _num(x: Any) -> Any:

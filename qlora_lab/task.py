@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from typing import Any
 
 import torch
@@ -90,13 +91,18 @@ def score_answer(metric: str, answer: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[Any], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers for ``prompts`` (chat message lists or plain strings), batched with left padding."""
+def generate_answers(model, tokenizer, prompts: list[Any], max_new_tokens: int, batch_size: int = 16,
+                     desc: str = "Generating answers") -> list[str]:
+    """Greedy answers for ``prompts`` (chat message lists or plain strings), batched with left padding; a progress
+    bar counts the answers (a batch of the embedded model on 2 CPU cores takes tens of seconds)."""
+    from qlora_lab.progress import bar
+
     model.eval()
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     answers: list[str] = []
+    progress = bar(total=len(prompts), desc=desc, unit="answer")
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -108,7 +114,9 @@ def generate_answers(model, tokenizer, prompts: list[Any], max_new_tokens: int, 
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            progress.update(len(chunk))
     finally:
+        progress.close()
         tokenizer.padding_side = side
     return answers
 
@@ -119,12 +127,15 @@ def task_score(model, tokenizer, rows: list[dict[str, Any]], metric: str, max_ne
     refs = [r["completion"][-1]["content"] if isinstance(r["completion"], list) else r["completion"] for r in rows]
     was_training = model.training
     use_cache = getattr(model.config, "use_cache", None)
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, desc=f"Scoring held-out answers ({metric})")
     if was_training:
         model.train()
     if use_cache is not None:
         model.config.use_cache = use_cache
     hits = [score_answer(metric, a, ref) for a, ref in zip(answers, refs)]
+    log.info("Scored %d held-out answers: %s %.3f (%d right) in %.1f s", len(hits), metric,
+             sum(hits) / max(len(hits), 1), sum(hits), time.perf_counter() - started)
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "answer": a, "reference": ref, "ok": h}
                 for p, a, ref, h in zip(prompts[:3], answers[:3], refs[:3], hits[:3])]
     return {"score": sum(hits) / max(len(hits), 1), "n": len(hits), "metric": metric, "examples": examples}

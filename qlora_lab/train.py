@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from qlora_lab import adapters, estimate, measure, models, plan, prepare, report, rundir, sweeps, task
+from qlora_lab import adapters, estimate, measure, models, plan, prepare, progress, report, rundir, sweeps, task
 from qlora_lab.config import CONF_DIR, register_configs
 from qlora_lab.cpu import allocator
 from qlora_lab.distributed import is_main_process, world_size
@@ -69,6 +69,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- model and trainer, as the plan says (trainer.py: the same chain the bench measures)
     trainer = setup(cfg, the_plan, model_path, tokenizer, train_ds, eval_ds, run_dir)
+    trainer.add_callback(progress.EvalSummary(len(eval_ds)))  # a line per held-out evaluation, with its time
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
     log.info("Trainable parameters: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,

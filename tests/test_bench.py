@@ -80,3 +80,26 @@ def test_variants_get_their_own_ratio_and_bad_names_are_refused():
              "warmup_steps": 0, "profile_steps": 0, "variants": {"a:b": ["batching=shuffled"]}}
     with pytest.raises(ConfigError, match="bench.variants: name 'a:b'"):
         validate_bench(OmegaConf.create({"bench": bench}))
+
+
+def test_evaluations_during_training_are_not_in_the_step_times(monkeypatch):
+    """A variant with trainer.eval_strategy=steps: the time of each evaluation (between one step's end and the next
+    step) is reported apart, not in tokens/s or the step times; the eval losses are kept."""
+    from types import SimpleNamespace
+
+    from qlora_lab.bench import worker
+
+    clock = iter([0.0, 1.0, 2.0, 12.0, 13.0, 14.0])  # train begins, step 1, step 2, its evaluation ends, steps 3-4
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+    timer, state = worker.StepTimer(), SimpleNamespace(num_input_tokens_seen=0)
+    timer.on_train_begin(None, state, None)
+    for step in (1, 2):
+        state.num_input_tokens_seen = 100 * step
+        timer.on_step_end(None, state, None)
+    timer.on_evaluate(None, state, None, metrics={"eval_loss": 0.5})
+    for step in (3, 4):
+        state.num_input_tokens_seen = 100 * step
+        timer.on_step_end(None, state, None)
+    m = timer.measure(warmup=1, steps=3)
+    assert m["step_times_s"] == [1.0, 1.0, 1.0, 1.0] and m["seconds"] == 3.0 and m["tokens_per_s"] == 100.0
+    assert timer.eval_s == 10.0 and timer.eval_losses == [0.5]

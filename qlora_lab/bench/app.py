@@ -268,6 +268,12 @@ def markdown(out: dict[str, Any]) -> str:
                      f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
                      f"{r.get('kernels', 'none')} | {r.get('allocator', 'system')} | {_first_loss(r)} |")
+    evaluated = [r for r in out["results"] if r["status"] == "completed" and r.get("evaluations")]
+    if evaluated:
+        lines += ["", "Evaluations during training (their time is not in tok/s or step s; peak memory includes them):",
+                  ""]
+        lines += [f"- {r['method']} seq {r['seq_len']} batch {r['batch']} {r['recipe']}: {r['evaluations']} "
+                  f"evaluations, {r['eval_s']:.1f} s, last eval loss {r['eval_loss']:.4f}" for r in evaluated]
     if out["ratios"]:
         lines += ["", "qlora_lab / plain recipe (same model, rows, adapter and batch):", "",
                   "| method | seq | batch | recipe | tokens/s ratio | peak memory ratio |", "|---|---|---|---|---|---|"]

@@ -28,19 +28,37 @@ METHOD_OVERRIDES = {
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and non-padding tokens at every optimizer step's end."""
+    """Wall time and non-padding tokens at every optimizer step's end.
+
+    Evaluations during training (a variant with ``trainer.eval_strategy=steps``) run between one step's end and the
+    next step; their time is taken out of the marks (and reported as ``eval_s``), so tokens/s stays training's.
+    """
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, int]] = []
         self.losses: list[float] = []
+        self.eval_losses: list[float] = []
+        self.eval_s = 0.0
+        self._last = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+        self._last = time.perf_counter()
+        self.marks = [(self._last, state.num_input_tokens_seen)]
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        self._last = time.perf_counter()
+        self.marks.append((self._last - self.eval_s, state.num_input_tokens_seen))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.eval_s += now - self._last  # since the step's end: this evaluation (and that step's log line)
+        self._last = now
+        if metrics and "eval_loss" in metrics:
+            self.eval_losses.append(metrics["eval_loss"])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -185,6 +203,9 @@ def run(spec: dict) -> dict[str, Any]:
     factor = 6 if spec["method"] == "full" else 4  # forward 2N + input-gradient 2N (+ weight-gradient 2N)
     result["flops_per_token"] = factor * result["matmul_params"]
     result["losses"] = timer.losses
+    if timer.eval_losses:  # evaluations ran during training (trainer.eval_strategy in a variant)
+        result.update(evaluations=len(timer.eval_losses), eval_s=round(timer.eval_s, 2),
+                      eval_loss=round(timer.eval_losses[-1], 4))
     if torch.cuda.is_available():
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
