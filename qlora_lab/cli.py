@@ -10,25 +10,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-# command -> module whose `main` is the command's @hydra.main shell
-COMMANDS = {
-    "train": ("qlora_lab.train", "fine-tune an adapter (conf/train.yaml)"),
-    "prepare": ("qlora_lab.prepare", "convert and tokenize a run's data into the cache (same overrides as train)"),
-    "inspect": ("qlora_lab.prepare:inspect_main", "show what a run would train on: summary + rows with trained tokens"),
-    "merge": ("qlora_lab.merge", "merge a run's adapter into a standalone model (conf/merge.yaml)"),
-    "export": ("qlora_lab.export", "GGUF / Ollama / Hub hand-off of a run, each checked (conf/export.yaml)"),
-    "chat": ("qlora_lab.chat", "chat with a run or a merged model (conf/chat.yaml)"),
-    "bench": ("qlora_lab.bench.app", "tokens/s and memory vs the plain TRL recipe (conf/bench.yaml)"),
-    "report": ("qlora_lab.report", "write the sweep report of a multirun folder: report <sweep dir>"),
-    "compare": ("qlora_lab.compare", "settings that differ, scores, speed, loss curves of runs: compare RUN RUN ..."),
-    "runs": ("qlora_lab.compare:runs_main", "list the runs under a folder with status, age, settings, scores"),
-}
-# commands with their own argparse arguments instead of Hydra overrides (no config to compose or check)
-PLAIN_COMMANDS = ("report", "compare", "runs")
+from qlora_lab.commands import COMMANDS, PLAIN_COMMANDS
 
 USAGE = "usage: qlora-lab <command> [overrides...]   (add --help after a command for its config)\n\ncommands:\n" + \
     "\n".join(f"  {name:<8} {doc}" for name, (_, doc) in COMMANDS.items()) + \
-    '\n\ntab completion: eval "$(qlora-lab train -sc install=bash)"   (zsh: install=zsh; fish: -sc install=fish | source)'
+    '\n\ntab completion: eval "$(qlora-lab train -sc install=bash)"   ' \
+    '(zsh: install=zsh; fish: -sc install=fish | source)'
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -133,7 +133,7 @@ def _after_program(words: list[str]) -> list[str] | None:
 
 
 def _commands() -> list[str]:
-    from qlora_lab.cli import COMMANDS
+    from qlora_lab.commands import COMMANDS
 
     return list(COMMANDS)
 

@@ -100,7 +100,7 @@ def test_folders_complete_for_commands_without_a_config(tmp_path, monkeypatch):
 
 
 def test_every_command_is_completed_one_way_or_the_other():
-    from qlora_lab.cli import COMMANDS, PLAIN_COMMANDS
+    from qlora_lab.commands import COMMANDS, PLAIN_COMMANDS
 
     assert set(COMMANDS) == set(completion.HYDRA_CONFIGS) | set(PLAIN_COMMANDS)
     for name in set(completion.HYDRA_CONFIGS.values()):
