@@ -73,21 +73,77 @@ def apply_post_init(cfg: DictConfig, model, model_path: str, dropout_impl: str =
     fix_bnb_adapter_layers(model)
     if not (cfg.method == "lora" and cfg.init == "loftq"):
         return
-    from peft.utils.loftq_utils import replace_lora_weights_loftq
+    log.info("LoftQ: initialising LoRA from the 4-bit quantization error of every adapted layer")
+    stats = loftq_init(model, model_path)
+    log.info("LoftQ: %d 4-bit layers; base + adapter is %.1f%% closer to the full-precision weights than the 4-bit "
+             "base alone (Frobenius norm of the error, summed over layers: %.3g -> %.3g)", stats["layers"],
+             100 * (1 - stats["error_after"] / stats["error_before"]), stats["error_before"], stats["error_after"])
 
-    weights = Path(model_path) / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"adapter.init=loftq needs the base's full-precision weights as one local safetensors file; "
-                        f"{weights} does not exist (sharded or hub checkpoints: download and merge the shards, or "
-                        "use adapter.init=default).")
-    log.info("LoftQ: initialising LoRA from the quantization error of every adapted layer (%d iteration(s))",
-             cfg.loftq_iter)
-    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-    for _ in range(cfg.loftq_iter):
-        replace_lora_weights_loftq(model, model_path=str(weights))
-    for n, p in model.named_parameters():  # keep the dtype the trainer chose for the adapter
-        if n in dtypes and p.dtype != dtypes[n]:
-            p.data = p.data.to(dtypes[n])
+
+def _full_precision_weights(model_path: str):
+    """name -> a function returning that tensor from the base's safetensors (one file, or shards with their index)."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(model_path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(folder / "model.safetensors", framework="pt", device="cpu") as f:
+            files = dict.fromkeys(f.keys(), folder / "model.safetensors")
+    else:
+        raise UserError(f"adapter.init=loftq needs the base's full-precision weights as safetensors; {folder} has "
+                        "neither model.safetensors nor model.safetensors.index.json (use adapter.init=default).")
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(files[name], framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    return files, get
+
+
+@torch.no_grad()
+def loftq_init(model, model_path: str, adapter_name: str = "default") -> dict:
+    """LoftQ's first step (Li et al. 2023) on every 4-bit LoRA layer: with R = W - dequant(Q(W)), the residual of the
+    full-precision weight W and its 4-bit copy, set the factors to R's best rank-r approximation (truncated SVD,
+    Eckart-Young) so that dequant(Q(W)) + scaling * B @ A is as close to W as rank r allows.
+
+    Not peft's replace_lora_weights_loftq, for two reasons: it moves the SVD to "cuda"/"xpu" unconditionally
+    (peft 0.21.2 utils/loftq_utils.py, _loftq_init_new), so it cannot run on CPU; and it writes B @ A = R_r without
+    dividing by LoRA's scaling (alpha / r, or alpha / sqrt(r) with rsLoRA; peft issue #1982), so with the default
+    alpha = 2r the layer starts at W_q + 2 R_r, whose error equals the plain 4-bit base's. Here the factors are
+    divided by sqrt(scaling) each. One step only: the 4-bit base stays Q(W), the weights merge and chat rebuild from
+    the original model, so LoftQ's later alternating steps (re-quantizing W - BA) could not be reproduced from the
+    saved adapter. Returns the summed error norms before and after, and the layer count."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+
+    files, get = _full_precision_weights(model_path)
+    before = after = 0.0
+    layers = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit) or adapter_name not in module.lora_A:
+            continue
+        key = name.split("base_model.model.", 1)[-1] + ".weight"
+        if key not in files:
+            raise UserError(f"adapter.init=loftq: {key} is not in the base's safetensors ({model_path}); the model's "
+                            "layer names differ from its checkpoint's. Use adapter.init=default.")
+        weight = module.base_layer.weight
+        w = get(key).to(torch.float32)
+        residual = w - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+        r, scale = module.r[adapter_name], float(module.scaling[adapter_name])
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = (s[:r] / scale).sqrt()
+        lora_a, lora_b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        lora_b.data = (u[:, :r] * root).to(lora_b.dtype)
+        lora_a.data = (root[:, None] * vh[:r]).to(lora_a.dtype)
+        before += residual.norm().item()
+        after += (residual - scale * lora_b.float() @ lora_a.float()).norm().item()
+        layers += 1
+    if not layers:
+        raise UserError("adapter.init=loftq found no 4-bit LoRA layer to initialise; it needs quant=nf4 or fp4.")
+    return {"layers": layers, "error_before": before, "error_after": after}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ class AdapterConfig:
     moves them out of the base, needs quant=none), "olora" (QR-based; needs quant=none, as pissa), "loftq" (LoRA
     initialised to cancel the 4-bit quantization error; needs a 4-bit quant and the base's safetensors)."""
     loftq_iter: int = 1
-    """LoftQ alternating steps (init=loftq)."""
+    """LoftQ steps (init=loftq): 1, the only value accepted (the 4-bit base must stay what merge and chat rebuild
+    from the original weights, so LoftQ's later re-quantizing steps cannot be used)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved with the adapter (e.g. ["lm_head"]); empty for none."""
     num_virtual_tokens: int = 16

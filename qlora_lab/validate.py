@@ -427,9 +427,10 @@ def validate(cfg: DictConfig) -> None:
             p.append(f"adapter.init=loftq with quant.method={q.method}: LoftQ initialises LoRA to cancel the 4-bit "
                      "quantization error, so it needs quant=nf4 or quant=fp4 (and the base's full-precision "
                      "safetensors). Without quantization use adapter.init=default or pissa.")
-        elif init == "loftq" and not _has_cuda():
-            p.append("adapter.init=loftq needs a CUDA (or XPU) device: peft's LoftQ computes its SVDs there "
-                     "(peft/utils/loftq_utils.py hard-codes the compute device). On CPU use adapter.init=default.")
+        if init == "loftq" and a.loftq_iter != 1:
+            p.append(f"adapter.loftq_iter={a.loftq_iter}: only 1 is supported. LoftQ's later steps re-quantize the "
+                     "base as W - BA, a base no saved adapter can carry to merge or chat (they rebuild the 4-bit base "
+                     "from the original weights); the first step already gives the rank-r optimum for that base.")
         if init in ("loftq", "pissa", "olora") and a.use_dora:
             p.append(f"adapter.init={init} with adapter.use_dora=true: peft does not combine them; pick one.")
     if a.method in ("lora", "ia3"):

@@ -26,8 +26,7 @@ def cases():
         for quant in ("nf4", "none"):
             if (adapter, quant) in REFUSED:
                 continue
-            # peft's LoftQ computes on CUDA only (refused on CPU: test_refused_combinations)
-            yield pytest.param(adapter, quant, marks=pytest.mark.gpu) if adapter == "loftq" else (adapter, quant)
+            yield adapter, quant
     yield "lora", "fp4"
     yield "lora", "int8"
     yield "lora", "nf4-single"
@@ -142,12 +141,45 @@ def test_refused_combinations(adapter, quant, needle):
         validate(compose_train([f"adapter={adapter}", f"quant={quant}"]))
 
 
-def test_loftq_without_cuda_is_refused(monkeypatch):
-    import torch
+def test_loftq_steps_other_than_one_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="adapter.loftq_iter=3: only 1 is supported"):
+        validate(compose_train(["adapter=loftq", "quant=nf4", "adapter.loftq_iter=3"]))
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="LoftQ computes its SVDs there"):
-        validate(compose_train(["adapter=loftq", "quant=nf4"]))
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quant_type, rslora", [("nf4", False), ("fp4", True)])
+def test_loftq_init_is_the_rank_r_optimum_of_every_layers_4bit_error(quant_type, rslora):
+    """After loftq_init, every 4-bit layer's dequant(Q(W)) + scaling * B @ A is closer to the full-precision W than
+    dequant(Q(W)) alone, by exactly what rank r allows (Eckart-Young: the residual's singular values beyond r), with
+    LoRA's scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) taken into account. On CPU."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.bnb import Linear4bit
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_lab import adapters, models
+
+    path = models.resolve_model_path("builtin:tiny-random")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    r = 4
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", use_rslora=rslora))
+    stats = adapters.loftq_init(model, str(path))
+    original = load_file(f"{path}/model.safetensors")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert stats["layers"] == len(layers) > 5
+    for name, module in layers:
+        w = original[name.removeprefix("base_model.model.") + ".weight"].float()
+        dq = bnb.functional.dequantize_4bit(module.base_layer.weight.data, module.base_layer.weight.quant_state).float()
+        scale = module.scaling["default"]
+        assert scale == (16 / r**0.5 if rslora else 16 / r)
+        ba = module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+        before, after = (w - dq).norm().item(), (w - dq - scale * ba).norm().item()
+        optimum = torch.linalg.svdvals(w - dq)[r:].norm().item()
+        assert after < before, name
+        assert abs(after - optimum) <= 1e-3 * before, (name, after, optimum)
+    assert stats["error_after"] < stats["error_before"]
 
 
 @pytest.mark.parametrize("field", ["gradient_checkpointing", "activation_checkpointing"])

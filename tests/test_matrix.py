@@ -1,7 +1,7 @@
 """Every adapter x quantization pair that the validator accepts on this machine trains a step on the tiny model.
 
 The matrix is generated, not hand-picked: every preset in conf/adapter times every preset in conf/quant, kept
-where :func:`qlora_lab.validate.validate` accepts it here (LoftQ, for one, is refused without CUDA). A pair the
+where :func:`qlora_lab.validate.validate` accepts it here (LoftQ, for one, needs a 4-bit quant). A pair the
 validator lets through must then run: one training step, the held-out eval loss and one generated task answer
 (the forward outside the trainer's autocast, where IA3 on a bitsandbytes base used to fail).
 """

@@ -92,9 +92,17 @@ def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp
     assert json.loads((tmp_path / "rt" / "merge_info.json").read_text())["check"] == rt["check"]
 
 
-def test_nf4_roundtrip_merge_is_the_trained_base_plus_the_adapter_exactly(qlora_run, tmp_path):
+@pytest.fixture(scope="module")
+def loftq_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "loftq", ["adapter=loftq"])
+
+
+@pytest.mark.parametrize("run_fixture", ["qlora_run", "loftq_run"])
+def test_nf4_roundtrip_merge_is_the_trained_base_plus_the_adapter_exactly(run_fixture, request, tmp_path):
     """Every merged weight: what the trained model computes with — its 4-bit layers' dequantized weights plus
-    scale·B·A where adapted, its own copies elsewhere (model.dtype, not the checkpoint's float32 originals)."""
+    scale·B·A where adapted, its own copies elsewhere (model.dtype, not the checkpoint's float32 originals). The same
+    for a LoftQ run, whose adapter also carries the 4-bit error it started from (merge's default base for it)."""
+    qlora_run = request.getfixturevalue(run_fixture)
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
@@ -189,7 +197,7 @@ REFUSALS = {  # run's train overrides, merge overrides, what the message must sa
     "bad-dtype": ([], ["dtype=int8"], ["dtype='int8'", "use one of bfloat16, float16, float32"]),
     "nf4_roundtrip-without-4bit": (["quant=none"], ["base=nf4_roundtrip"],
                                    ["base=nf4_roundtrip", "trained on quant=none", "Use base=original"]),
-    # LoftQ needs CUDA, so its run is a fabricated folder (the refusal reads only the run's config)
+    # a fabricated folder: the refusal reads only the run's config
     "loftq-on-original": (["adapter=loftq"], ["base=original"],
                           ["base=original", "adapter.init=loftq", "would count twice", "Use base=nf4_roundtrip"]),
     "full-fine-tune": (["adapter=full", "quant=none"], [], ["was a full fine-tune", "{run}/adapter already is a "
