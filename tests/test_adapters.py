@@ -325,3 +325,12 @@ def test_auto_dropout_trains_exactly_as_its_device_default(tmp_path):
     assert auto.keys() == expected.keys() and auto
     assert all(torch.equal(auto[k], expected[k]) for k in auto)
     assert any(not torch.equal(auto[k], different[k]) for k in auto)
+
+
+def test_loftq_without_full_precision_safetensors_says_what_it_needs(tmp_path):
+    from qlora_lab import adapters
+    from qlora_lab.errors import UserError
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(UserError, match="neither model.safetensors nor model.safetensors.index.json"):
+        adapters._full_precision_weights(str(tmp_path))
