@@ -204,6 +204,23 @@ class ResumeConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """The overfitting guard: stop when the held-out metric stops improving (transformers' EarlyStoppingCallback)."""
+
+    patience: Optional[int] = None
+    """Stop after this many evaluations in a row without an improvement of `metric`; 0 or null = never stop early.
+    Needs evaluation (trainer.eval_strategy steps or epoch)."""
+    metric: str = "eval_loss"
+    """The held-out metric watched, and the one that picks the best checkpoint with keep=best (transformers'
+    metric_for_best_model): "eval_loss", or another key the evaluation logs (with or without "eval_")."""
+    threshold: float = 0.0
+    """An evaluation improves on the best so far only by more than this (absolute, in the metric's units)."""
+    greater_is_better: Optional[bool] = None
+    """Whether a higher `metric` is better; null = transformers' rule: lower is better for names ending in "loss",
+    higher otherwise."""
+
+
+@dataclass
 class TrainRunConfig:
     """Primary config of `qlora-lab train` (conf/train.yaml)."""
 
@@ -216,6 +233,12 @@ class TrainRunConfig:
     """Resuming a run started elsewhere."""
     output_dir: str = MISSING
     """Run directory: every artifact of the run goes here. Defaults to Hydra's runtime output dir."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stopping when the held-out metric no longer improves."""
+    keep: str = "auto"
+    """Which weights become <run>/adapter/: "best" (the evaluated checkpoint with the best early_stopping.metric:
+    transformers' load_best_model_at_end, so a checkpoint is saved at every evaluation), "last" (the weights at the
+    last step), or "auto" (best when the run evaluates, last otherwise)."""
     score_before: bool = True
     """Score the held-out task before training too (the "before" in before → after)."""
     max_nonfinite_steps: int = 3

@@ -69,6 +69,7 @@ def run_report(cfg, m: dict[str, Any]) -> str:
     ]
     if m.get("skipped_updates"):
         lines.append(f"- {m['skipped_updates']} optimizer step(s) skipped for non-finite gradients")
+    lines += _eval_lines(m, (cfg.get("early_stopping") or {}).get("patience"))
     if m.get("examples"):
         lines += ["", "## Held-out examples (after training)", ""]
         for ex in m["examples"]:
@@ -76,6 +77,32 @@ def run_report(cfg, m: dict[str, Any]) -> str:
                       f"  - answer: `{ex['answer']}` ({'correct' if ex['ok'] else 'wrong'})",
                       f"  - reference: `{ex['reference']}`"]
     return "\n".join(lines) + "\n"
+
+
+def eval_curve(log_history: list[dict], metric: str = "eval_loss") -> list[dict[str, Any]]:
+    """The held-out evaluations of a Trainer log history, in order: {"step", "eval_loss"[, metric]} each."""
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return [{"step": e["step"], "eval_loss": e["eval_loss"], **({key: e[key]} if key in e else {})}
+            for e in log_history if "eval_loss" in e and "step" in e]
+
+
+def _eval_lines(m: dict[str, Any], patience: Any = None) -> list[str]:
+    """report.md's table of the evaluations during training, the kept one marked."""
+    curve = m.get("eval_curve") or []
+    if not curve:
+        return []
+    keys = list(dict.fromkeys(k for point in curve for k in point if k != "step"))
+    best = m.get("best_step")
+    lines = ["", "## Held-out evaluations during training", "",
+             f"adapter/ holds the {'best evaluated checkpoint' if m.get('keep') == 'best' else 'last step'}"
+             + (f" (step {best})" if m.get("keep") == "best" and best is not None else "")
+             + ("; training stopped early: no improvement for "
+                f"{patience} evaluation(s)" if m.get("stopped_early") else "") + ".",
+             "", "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for point in curve:
+        mark = " (kept)" if m.get("keep") == "best" and point["step"] == best else ""
+        lines.append(f"| {point['step']}{mark} | " + " | ".join(_fmt(point.get(k)) for k in keys) + " |")
+    return lines
 
 
 def middle_cut(text: str, limit: int = PROMPT_CHARS) -> str:

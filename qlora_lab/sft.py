@@ -101,7 +101,17 @@ class QloraSFTTrainer(SFTTrainer):
         # another precision than the uninterrupted run. Cast back before the optimizer state is loaded, so that
         # the optimizer state is cast to the same dtypes as in the uninterrupted run.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for name, param in (model or self.model).named_parameters():
+        self._restore_trainable_dtypes(model or self.model)
+
+    def _load_best_model(self):
+        # keep=best (load_best_model_at_end): transformers reloads the best checkpoint's adapter through peft's
+        # load_adapter, which upcasts it to float32 too; back to the dtypes it trained and was saved in, so that
+        # <run>/adapter/ holds exactly the best checkpoint's weights
+        super()._load_best_model()
+        self._restore_trainable_dtypes(self.model)
+
+    def _restore_trainable_dtypes(self, model) -> None:
+        for name, param in model.named_parameters():
             want = self._trainable_dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)

@@ -119,6 +119,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         "Rerun the same command (same hydra.run.dir) to resume.")
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
+    # the evaluations during training (the final one below is of the weights kept: the best with keep=best)
+    curve = report.eval_curve(trainer.state.log_history, cfg.early_stopping.metric)
+    stopped_early = bool(cfg.early_stopping.patience) and trainer.state.global_step < trainer.state.max_steps
 
     # ---- after
     eval_metrics = trainer.evaluate()
@@ -148,6 +151,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_runtime_s=round(runtime, 2),
         total_runtime_s=round(time.time() - started, 2),
         global_step=trainer.state.global_step,
+        keep=the_plan.keep,
+        best_step=trainer.state.best_global_step if the_plan.keep == "best" else None,
+        best_metric=({cfg.early_stopping.metric: trainer.state.best_metric}
+                     if trainer.state.best_metric is not None else None),
+        stopped_early=stopped_early,
+        eval_curve=curve,
         resumed_from=resume,
         skipped_updates=trainer.skipped_updates,  # optimizer steps skipped for non-finite gradients
         train_tokens=tokens,

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.config import CONF_DIR, SCHEMAS, PrepareRunConfig, TrainRunConfig
 from qlora_lab.cpu import allocator
 from qlora_lab.errors import ConfigError
-from qlora_lab.sftconfig import check_sft_config
+from qlora_lab.sftconfig import check_sft_config, overfitting_fields, resolve_keep
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 ADAPTER_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "full")
@@ -493,17 +493,46 @@ def validate(cfg: DictConfig) -> None:
         p.append(f"trainer.packing=true with batching={cfg.batching}: packed sequences are already padding-free; "
                  "set batching=shuffled.")
 
+    keep_ok = _overfitting_problems(p, cfg)
     if not any(problem.startswith("trainer.") for problem in unknown):
-        _trainer_args_problems(p, t)  # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
+        # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
+        extra = overfitting_fields(resolve_keep(cfg.keep, t.eval_strategy), cfg.early_stopping, t) if keep_ok else {}
+        _trainer_args_problems(p, t, extra)
     if p:
         raise ConfigError(p)
 
 
-def _trainer_args_problems(p: list[str], t: DictConfig) -> None:
+KEEP = ("auto", "best", "last")
+
+
+def _overfitting_problems(p: list[str], cfg: DictConfig) -> bool:
+    """early_stopping.* and keep; False when they are too wrong to build the trainer settings from."""
+    es, t = cfg.early_stopping, cfg.trainer
+    before = len(p)
+    check_choice(p, "keep", cfg.keep, KEEP)
+    evaluates = str(t.eval_strategy).lower() not in ("no", "none")
+    if es.patience is not None and es.patience < 0:
+        p.append(f"early_stopping.patience={es.patience}: give a number of evaluations >= 1, or 0 / null for no early "
+                 "stopping.")
+    elif es.patience and not evaluates:
+        p.append(f"early_stopping.patience={es.patience} with trainer.eval_strategy={t.eval_strategy}: early stopping "
+                 "watches the held-out evaluations, and this run makes none. Set trainer.eval_strategy=steps (with "
+                 "trainer.eval_steps) or epoch.")
+    if cfg.keep == "best" and not evaluates:
+        p.append(f"keep=best with trainer.eval_strategy={t.eval_strategy}: the best checkpoint is the best evaluated "
+                 "one, and this run makes no evaluation. Set trainer.eval_strategy=steps or epoch, or keep=last.")
+    if es.threshold < 0:
+        p.append(f"early_stopping.threshold={es.threshold}: must be >= 0 (the improvement an evaluation must beat).")
+    if not str(es.metric or "").strip() or str(es.metric).startswith("before_"):
+        p.append(f"early_stopping.metric={es.metric!r}: name a held-out metric the evaluation logs, e.g. eval_loss.")
+    return len(p) == before
+
+
+def _trainer_args_problems(p: list[str], t: DictConfig, extra: dict[str, Any] | None = None) -> None:
     """transformers' and TRL's own checks of the trainer settings (e.g. eval/save step multiples), reported with
     the others before any data or weight is loaded."""
     if _env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _fsdp_on(t):
         return  # their arguments set up DeepSpeed / FSDP state (and need the packages): checked when training starts
-    problem = check_sft_config(t, cuda=_has_cuda())
+    problem = check_sft_config(t, cuda=_has_cuda(), extra=extra)
     if problem:
         p.append(problem)
