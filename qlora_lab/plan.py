@@ -97,7 +97,7 @@ class Plan:
     attn_implementation: str | None
     """model.attn_implementation (None: transformers' default)."""
     loss: str
-    """loss: "selective", "native" or "fused"."""
+    """loss: "selective", "native" or "fused"; the objective ("dpo", "orpo", "kto") for TRL's preference trainers."""
     kernels: str
     """kernels: "lean", "liger" or "none"."""
     dropout_impl: str
@@ -157,16 +157,22 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     compute = _dtype(cfg.quant.compute_dtype, machine) if four_bit else None
     storage = _dtype(cfg.quant.quant_storage, machine) if four_bit and cfg.quant.quant_storage else None
     model_type = getattr(model_config, "model_type", "unknown")
-    loss = _loss(cfg, model_config, notes)
-    kernels = _kernels(cfg.kernels, model_config, machine, notes)
-    dropout = _dropout(cfg.adapter, machine)
+    objective = cfg.objective.name
+    if objective == "sft":
+        loss = _loss(cfg, model_config, notes)
+        kernels = _kernels(cfg.kernels, model_config, machine, notes)
+        dropout = _dropout(cfg.adapter, machine)
+    else:  # TRL's preference trainers compute their own loss, without SFTTrainer's levers (objectives.py)
+        loss, kernels, dropout = objective, "none", "torch"
+        notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
+                     "kernels, fast dropout, length grouping) do not apply")
     every, by, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels, dropout,
                                                        notes)
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
-        batching=cfg.batching, pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
+        batching=cfg.batching if objective == "sft" else "shuffled", pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
         memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
         estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
         data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer.eval_strategy),

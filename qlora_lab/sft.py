@@ -339,7 +339,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.
 class GuardCallback(TrainerCallback):
     """Divergence checks and preemption at step boundaries."""
 
-    def __init__(self, trainer: QloraSFTTrainer):
+    def __init__(self, trainer):
         self.trainer = trainer
         self.preempted_by: str | None = None
         self._previous: dict[int, object] = {}
@@ -363,10 +363,12 @@ class GuardCallback(TrainerCallback):
                     "at once)", name)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.drop_nonfinite_update()
+        if isinstance(self.trainer, QloraSFTTrainer):  # TRL's preference trainers (objectives.py): preemption only
+            self.trainer.drop_nonfinite_update()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.check_step()
+        if isinstance(self.trainer, QloraSFTTrainer):
+            self.trainer.check_step()
         if self.preempted_by is not None:
             control.should_save = True
             control.should_training_stop = True

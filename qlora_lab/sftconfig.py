@@ -123,13 +123,21 @@ def overfitting_fields(keep: str, early_stopping: DictConfig, trainer_cfg: DictC
 
 
 def build_sft_config(trainer_cfg: DictConfig, output_dir: Path, *, cuda: bool, mixed_precision: str,
-                     extra: dict[str, Any] | None = None):
+                     extra: dict[str, Any] | None = None, config_class: type | None = None):
     """TRL's SFTConfig from the ``trainer`` group, with the fields qlora_lab owns filled in from the plan:
     ``cuda`` (the plan's device) and ``mixed_precision`` ("bf16", "fp16" or "no": what an unset trainer.bf16 /
-    trainer.fp16 becomes); ``extra``: fields set over the group's (overfitting_fields)."""
+    trainer.fp16 becomes); ``extra``: fields set over the group's (overfitting_fields, an objective's own).
+
+    ``config_class``: another TRL config (DPOConfig, KTOConfig, ORPOConfig: qlora_lab/objectives.py) built from the
+    same group: the fields it lacks (SFT's packing, completion_only_loss, ...) are left out, and so is SFT's
+    ``loss_type`` (the same name means the objective's own loss there; ``extra`` sets it)."""
     from trl import SFTConfig
 
     kwargs = {**OmegaConf.to_container(trainer_cfg, resolve=True), **(extra or {})}
+    if config_class is not None:
+        own = {f.name for f in dataclasses.fields(config_class)}
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k in own and (k != "loss_type" or "loss_type" in (extra or {}))}
     for old, new in DEPRECATED_TRAINER_ALIASES.items():
         # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*: where the new name
         # exists, the old one fills it only when it is unset (transformers' own rule, minus its FutureWarning).
@@ -148,7 +156,7 @@ def build_sft_config(trainer_cfg: DictConfig, output_dir: Path, *, cuda: bool, m
         kwargs["bf16"] = mixed_precision == "bf16"
         kwargs["fp16"] = mixed_precision == "fp16"
     try:
-        return SFTConfig(output_dir=str(output_dir), **kwargs)
+        return (config_class or SFTConfig)(output_dir=str(output_dir), **kwargs)
     except ValueError as e:  # transformers/TRL name the fields as command-line flags: --save_steps
         raise UserError("invalid trainer settings: " + re.sub(r"--(\w+)", r"trainer.\1", str(e))) from None
 

@@ -494,6 +494,7 @@ def validate(cfg: DictConfig) -> None:
                  "set batching=shuffled.")
 
     keep_ok = _overfitting_problems(p, cfg)
+    _objective_problems(p, cfg)
     if not any(problem.startswith("trainer.") for problem in unknown):
         # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
         extra = overfitting_fields(resolve_keep(cfg.keep, t.eval_strategy), cfg.early_stopping, t) if keep_ok else {}
@@ -503,6 +504,55 @@ def validate(cfg: DictConfig) -> None:
 
 
 KEEP = ("auto", "best", "last")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+
+
+def _objective_problems(p: list[str], cfg: DictConfig) -> None:
+    """What the preference objectives (TRL's DPO/ORPO/KTO trainers, qlora_lab/objectives.py) run on, and init_from."""
+    o, a, d, t = cfg.objective, cfg.adapter, cfg.data, cfg.trainer
+    check_choice(p, "objective.name", o.name, OBJECTIVES)
+    if cfg.init_from:
+        run = Path(str(cfg.init_from)).expanduser()
+        if not (run / "adapter" / "adapter_config.json").is_file():
+            p.append(f"init_from={cfg.init_from!r}: not a completed run directory (no adapter/adapter_config.json "
+                     "in it). Give the folder of a `qlora-lab train` run, e.g. outputs/2026-12-01/10-00-00.")
+        elif (run / "config.yaml").is_file():
+            first = OmegaConf.load(run / "config.yaml")
+            for key in ("model.name_or_path", "quant.method"):
+                if OmegaConf.select(first, key) != OmegaConf.select(cfg, key):
+                    p.append(f"init_from={cfg.init_from}: its adapter was trained with {key}="
+                             f"{OmegaConf.select(first, key)}, this run has {key}={OmegaConf.select(cfg, key)}; "
+                             "an adapter continues on the base it was trained on. Set the same.")
+        if o.name == "sft":
+            p.append("init_from with objective=sft: an SFT run goes on by rerunning into its own folder (same "
+                     "hydra.run.dir, a higher trainer.max_steps); init_from continues an adapter with objective=dpo, "
+                     "orpo or kto.")
+    if o.name not in OBJECTIVES or o.name == "sft":
+        return
+    if o.beta <= 0:
+        p.append(f"objective.beta={o.beta}: must be > 0 (typical: 0.05-0.5).")
+    if a.method in ("prefix", "prompt", "ptuning"):
+        p.append(f"adapter={a.method} with objective={o.name}: prompt-learning adapters prepend virtual tokens, and "
+                 "qlora_lab has not verified TRL's preference trainers with them (only LoRA-family and IA3 "
+                 "adapters). Use adapter=lora.")
+    if a.method == "full" and o.name in ("dpo", "kto"):
+        p.append(f"adapter=full with objective={o.name}: the reference model would be a second full copy of the "
+                 "model in memory (qlora_lab keeps the reference as the adapter-disabled base). Use adapter=lora, or "
+                 "objective=orpo, which needs no reference.")
+    if d.source not in ("demo", "file"):
+        p.append(f"data.source={d.source} with objective={o.name}: preference data is read from data=demo (the "
+                 "embedded preference demo) or data=file (prompt/chosen/rejected or prompt/completion/label rows) "
+                 "so far; mixtures and hub datasets are SFT-only.")
+    if d.streaming:
+        p.append(f"data.streaming=true with objective={o.name}: TRL's preference trainers tokenize the rows up "
+                 "front; streaming is SFT-only.")
+    if o.name == "kto" and t.per_device_train_batch_size < 2:
+        p.append(f"objective=kto with trainer.per_device_train_batch_size={t.per_device_train_batch_size}: KTO "
+                 "estimates its KL term from mismatched rows of a batch; use 2 or more.")
+    if o.name != "kto" and (o.desirable_weight != 1.0 or o.undesirable_weight != 1.0):
+        p.append(f"objective.desirable_weight / undesirable_weight are KTO's; objective={o.name} does not read them.")
+    if o.name == "orpo" and o.loss_type:
+        p.append("objective.loss_type with objective=orpo: ORPO has one loss; leave it null.")
 
 
 def _overfitting_problems(p: list[str], cfg: DictConfig) -> bool:
