@@ -264,7 +264,7 @@ class TrainRunConfig:
     keep: str = "auto"
     """Which weights become <run>/adapter/: "best" (the evaluated checkpoint with the best early_stopping.metric:
     transformers' load_best_model_at_end, so a checkpoint is saved at every evaluation), "last" (the weights at the
-    last step), or "auto" (best when the run evaluates, last otherwise)."""
+    last step), or "auto" (best when the run evaluates and saves checkpoints, last otherwise)."""
     score_before: bool = True
     """Score the held-out task before training too (the "before" in before → after)."""
     max_nonfinite_steps: int = 3

@@ -175,7 +175,7 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         batching=cfg.batching if objective == "sft" else "shuffled", pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
         memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
         estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
-        data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer.eval_strategy),
+        data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer),
         notes=tuple(notes))
 
 

@@ -50,6 +50,8 @@ def run_report(cfg, m: dict[str, Any]) -> str:
     lines = [
         "# qlora_lab run report",
         "",
+        f"- objective: `{m.get('objective', 'sft')}`" + (f" (continuing `{m['init_from']}`)" if m.get("init_from")
+                                                        else ""),
         f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
         f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
         + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
@@ -62,6 +64,7 @@ def run_report(cfg, m: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| held-out task score ({m['task_metric']}, n={m['task_eval_samples']}) | {_fmt(before, 3)} | {_fmt(after, 3)} |",
         f"| held-out eval loss | {_fmt(m.get('eval_loss_before'))} | {_fmt(m['eval_loss'])} |",
+        *_preference_rows(m),
         "",
         (f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
          f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}"),
@@ -77,6 +80,17 @@ def run_report(cfg, m: dict[str, Any]) -> str:
                       f"  - answer: `{ex['answer']}` ({'correct' if ex['ok'] else 'wrong'})",
                       f"  - reference: `{ex['reference']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _preference_rows(m: dict[str, Any]) -> list[str]:
+    """report.md's before/after rows of a preference objective (objectives.py)."""
+    if m.get("objective") in (None, "sft"):
+        return []
+    rows = [("held-out preference accuracy (log p(chosen) > log p(rejected))", "preference_accuracy"),
+            (f"held-out reward accuracy ({m['objective']}, vs the reference)", "reward_accuracy"),
+            ("held-out reward margin", "reward_margin")]
+    return [f"| {label} | {_fmt(m.get(key + '_before'), 3)} | {_fmt(m.get(key + '_after'), 3)} |"
+            for label, key in rows if m.get(key + "_after") is not None or m.get(key + "_before") is not None]
 
 
 def eval_curve(log_history: list[dict], metric: str = "eval_loss") -> list[dict[str, Any]]:

@@ -91,10 +91,12 @@ def trainer_field_help(name: str) -> str:
     return ""
 
 
-def resolve_keep(keep: str, eval_strategy: Any) -> str:
-    """``keep`` ("best", "last" or "auto") as a run applies it: auto = best when the run evaluates, else last."""
+def resolve_keep(keep: str, trainer_cfg: DictConfig) -> str:
+    """``keep`` ("best", "last" or "auto") as a run applies it: auto = best when the run evaluates and saves
+    checkpoints (trainer.eval_strategy, trainer.save_strategy not "no"), else last."""
     if keep == "auto":
-        return "last" if str(eval_strategy).lower() in ("no", "none") else "best"
+        off = [str(trainer_cfg.get(k)).lower() in ("no", "none") for k in ("eval_strategy", "save_strategy")]
+        return "last" if any(off) else "best"
     return keep
 
 

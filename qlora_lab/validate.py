@@ -497,7 +497,7 @@ def validate(cfg: DictConfig) -> None:
     _objective_problems(p, cfg)
     if not any(problem.startswith("trainer.") for problem in unknown):
         # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
-        extra = overfitting_fields(resolve_keep(cfg.keep, t.eval_strategy), cfg.early_stopping, t) if keep_ok else {}
+        extra = overfitting_fields(resolve_keep(cfg.keep, t), cfg.early_stopping, t) if keep_ok else {}
         _trainer_args_problems(p, t, extra)
     if p:
         raise ConfigError(p)

@@ -128,8 +128,9 @@ def test_keep_defaults_to_best_when_the_run_evaluates():
 
     cfg = compose_train(["model=tiny-random"])  # the shipped defaults: eval every quarter of training
     validate(cfg)
-    assert resolve_keep(cfg.keep, cfg.trainer.eval_strategy) == "best"
-    assert resolve_keep(cfg.keep, "no") == "last"
+    assert resolve_keep(cfg.keep, cfg.trainer) == "best"
+    assert resolve_keep(cfg.keep, compose_train(TINY).trainer) == "last"  # TINY evaluates nothing
+    assert resolve_keep(cfg.keep, compose_train(["trainer.save_strategy=no"]).trainer) == "last"
     fields = overfitting_fields("best", cfg.early_stopping, cfg.trainer)
     assert fields == {"metric_for_best_model": "eval_loss", "load_best_model_at_end": True,
                       "save_strategy": "steps", "save_steps": 0.25}
