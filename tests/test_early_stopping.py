@@ -82,7 +82,8 @@ def test_an_overfitting_run_stops_early_and_keeps_the_best_checkpoint(tmp_path):
     loaded = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
     assert len(loaded) == len(best_ckpt)
     for name, tensor in best_ckpt.items():
-        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        short = name.split("base_model.model.")[-1]
+        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(short)]
         assert len(match) == 1 and torch.equal(match[0].detach().to(tensor.dtype), tensor), name
 
     # the early-stopping counter is in the checkpoint's trainer_state.json (transformers' stateful_callbacks)

@@ -35,7 +35,8 @@ def test_the_preference_demo_pairs_a_correct_answer_with_a_plausible_wrong_one()
     assert kinds == {"swap", "city", "age"}
     # the held-out pairs are the SFT demo's held-out rows: same prompts, the correct JSON chosen
     from qlora_lab.task import demo_rows
-    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(r["prompt"], r["completion"]) for r in demo_rows(30, "eval")]
+    rows = demo_rows(30, "eval")
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(r["prompt"], r["completion"]) for r in rows]
     kto = preference.unpaired(pairs[:2])
     assert [r["label"] for r in kto] == [True, False, True, False]
 
