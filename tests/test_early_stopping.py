@@ -136,3 +136,21 @@ def test_keep_defaults_to_best_when_the_run_evaluates():
     assert fields == {"metric_for_best_model": "eval_loss", "load_best_model_at_end": True,
                       "save_strategy": "steps", "save_steps": 0.25}
     assert overfitting_fields("last", cfg.early_stopping, cfg.trainer) == {}
+
+
+def test_the_eval_curve_and_its_report_table():
+    from qlora_lab import report
+
+    history = [{"step": 0, "before_loss": 1.0}, {"step": 5, "loss": 0.9}, {"step": 5, "eval_loss": 0.8},
+               {"step": 10, "eval_loss": 0.7, "eval_rewards/accuracies": 0.5}, {"step": 15, "eval_loss": 0.75}]
+    assert report.eval_curve(history) == [{"step": 5, "eval_loss": 0.8}, {"step": 10, "eval_loss": 0.7},
+                                          {"step": 15, "eval_loss": 0.75}]
+    assert report.eval_curve(history, "rewards/accuracies")[1] == {"step": 10, "eval_loss": 0.7,
+                                                                   "eval_rewards/accuracies": 0.5}
+    lines = report._eval_lines({"eval_curve": report.eval_curve(history), "keep": "best", "best_step": 10,
+                                "stopped_early": True}, patience=1)
+    text = "\n".join(lines)
+    assert "| 10 (kept) | 0.7000 |" in text and "step 10" in text and "no improvement for 1 evaluation(s)" in text
+    assert report._eval_lines({"eval_curve": []}) == []
+    assert report._eval_lines({"eval_curve": report.eval_curve(history), "keep": "last"})[3].startswith(
+        "adapter/ holds the last step")
