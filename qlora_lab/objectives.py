@@ -62,6 +62,10 @@ def objective_fields(objective: DictConfig) -> dict[str, Any]:
         fields["loss_type"] = [objective.loss_type] if objective.name == "dpo" else objective.loss_type
     if objective.name == "kto":
         fields.update(desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight)
+        if objective.loss_type != "apo_zero_unpaired":
+            # TRL 1.16 KTOConfig: the KL-estimating losses precompute each row's KL completion against its neighbours
+            # in a fixed-order batch and refuse any sampler but "sequential" (our batching's default is random/grouped)
+            fields["train_sampling_strategy"] = "sequential"
     return fields
 
 
