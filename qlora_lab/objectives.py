@@ -87,6 +87,14 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
                             mixed_precision=plan.mixed_precision, config_class=config_cls,
                             extra={**overfitting_fields(plan.keep, cfg.early_stopping, cfg.trainer),
                                    **objective_fields(cfg.objective)})
+    if cfg.objective.name == "orpo" and peft_config is not None:
+        # TRL 1.16's ORPOTrainer, given a peft_config and a 4/8-bit base, calls peft's prepare_model_for_kbit_training,
+        # which casts every non-quantized weight (embeddings, norms, lm_head) to float32; generation outside autocast
+        # then fails in lm_head (float32 weight, bf16 hidden states). Wrapped here, it gets a PeftModel as the other
+        # objectives' bases stay: in the plan's dtypes.
+        from peft import get_peft_model
+
+        model, peft_config = get_peft_model(model, peft_config), None
     kwargs = dict(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                   peft_config=peft_config)
     if cfg.objective.name != "orpo":
