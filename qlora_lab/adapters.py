@@ -236,11 +236,14 @@ def save_initial_adapter(cfg: DictConfig, model, folder: Path) -> Path | None:
 
 def save_adapter(cfg: DictConfig, model, folder: Path, initial: Path | None) -> None:
     """Save the trained adapter; PiSSA/OLoRA are converted so that they apply to the original base model."""
+    # the trained adapter only: TRL's preference trainers keep a frozen copy of a loaded adapter as the reference
+    # ("ref", objectives.py), which peft would save beside it into ref/
+    only = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
     if initial is not None:
         # peft turns the residual-based adapter into an equivalent rank-2r LoRA on the untouched base weights.
-        model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial))
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), **only)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **only)
 
 
 def check_only_adapter_trainable(cfg: DictConfig, model) -> tuple[int, int]:

@@ -205,6 +205,43 @@ class ResumeConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the run optimises (conf/objective/): supervised fine-tuning, or preference tuning with TRL's trainers."""
+
+    name: str = "sft"
+    """"sft" (TRL's SFTTrainer on prompt/completion or chat rows), "dpo" (TRL's DPOTrainer on prompt/chosen/rejected
+    pairs), "orpo" (TRL's experimental ORPOTrainer on the same pairs: no reference model), "kto" (TRL's KTOTrainer on
+    prompt/completion/label rows; pairs are split into a desirable and an undesirable row)."""
+    beta: float = 0.1
+    """dpo/kto: how far the policy may move from the reference (higher = closer); orpo: the weight of the
+    odds-ratio term (TRL's lambda)."""
+    loss_type: Optional[str] = None
+    """dpo: TRL's DPOConfig loss_type ("sigmoid", "ipo", "hinge", ...); kto: "kto" or "apo_zero_unpaired"; null =
+    TRL's default."""
+    desirable_weight: float = 1.0
+    """kto: weight of the desirable rows' loss."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the undesirable rows' loss."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """The overfitting guard: stop when the held-out metric stops improving (transformers' EarlyStoppingCallback)."""
+
+    patience: Optional[int] = None
+    """Stop after this many evaluations in a row without an improvement of `metric`; 0 or null = never stop early.
+    Needs evaluation (trainer.eval_strategy steps or epoch)."""
+    metric: str = "eval_loss"
+    """The held-out metric watched, and the one that picks the best checkpoint with keep=best (transformers'
+    metric_for_best_model): "eval_loss", or another key the evaluation logs (with or without "eval_")."""
+    threshold: float = 0.0
+    """An evaluation improves on the best so far only by more than this (absolute, in the metric's units)."""
+    greater_is_better: Optional[bool] = None
+    """Whether a higher `metric` is better; null = transformers' rule: lower is better for names ending in "loss",
+    higher otherwise."""
+
+
+@dataclass
 class TrainRunConfig:
     """Primary config of `qlora-lab train` (conf/train.yaml)."""
 
@@ -217,6 +254,18 @@ class TrainRunConfig:
     """Resuming a run started elsewhere."""
     output_dir: str = MISSING
     """Run directory: every artifact of the run goes here. Defaults to Hydra's runtime output dir."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """What the run optimises: sft (default), dpo, orpo or kto."""
+    init_from: Optional[str] = None
+    """A completed run directory whose adapter this run continues (its <run>/adapter/, e.g. an SFT run before DPO);
+    the base model and quantization must be the run's. With dpo/kto the reference is that adapter as it starts
+    (TRL keeps a frozen copy of it, adapter-sized); null = a fresh adapter from the adapter group."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stopping when the held-out metric no longer improves."""
+    keep: str = "auto"
+    """Which weights become <run>/adapter/: "best" (the evaluated checkpoint with the best early_stopping.metric:
+    transformers' load_best_model_at_end, so a checkpoint is saved at every evaluation), "last" (the weights at the
+    last step), or "auto" (best when the run evaluates and saves checkpoints, last otherwise)."""
     score_before: bool = True
     """Score the held-out task before training too (the "before" in before → after)."""
     max_nonfinite_steps: int = 3

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from qlora_lab.cpu import allocator
 from qlora_lab.errors import UserError
+from qlora_lab.sftconfig import resolve_keep
 
 PLAN_FILE = "plan.json"
 
@@ -96,7 +97,7 @@ class Plan:
     attn_implementation: str | None
     """model.attn_implementation (None: transformers' default)."""
     loss: str
-    """loss: "selective", "native" or "fused"."""
+    """loss: "selective", "native" or "fused"; the objective ("dpo", "orpo", "kto") for TRL's preference trainers."""
     kernels: str
     """kernels: "lean", "liger" or "none"."""
     dropout_impl: str
@@ -121,6 +122,8 @@ class Plan:
     """data.task_metric: "json_match", "exact_match" or "none"."""
     data_format: str
     """data.format: each source's detected row format ("+"-joined for a mixture)."""
+    keep: str = "last"
+    """keep: which weights become the adapter, "best" (the best evaluated checkpoint) or "last"."""
     notes: tuple[str, ...] = field(default=())
     """Why a lever is off, or what was chosen instead of what was asked."""
 
@@ -132,7 +135,7 @@ class Plan:
                 "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
                 "allocator": self.allocator, "batching": self.batching,
                 "trainer.pad_to_multiple_of": self.pad_to_multiple_of, "memory_budget_gb": self.memory_budget_gb,
-                "data.task_metric": self.task_metric, "data.format": self.data_format}
+                "data.task_metric": self.task_metric, "data.format": self.data_format, "keep": self.keep}
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "resolved": self.resolved()}
@@ -154,19 +157,27 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     compute = _dtype(cfg.quant.compute_dtype, machine) if four_bit else None
     storage = _dtype(cfg.quant.quant_storage, machine) if four_bit and cfg.quant.quant_storage else None
     model_type = getattr(model_config, "model_type", "unknown")
-    loss = _loss(cfg, model_config, notes)
-    kernels = _kernels(cfg.kernels, model_config, machine, notes)
-    dropout = _dropout(cfg.adapter, machine)
+    objective = cfg.objective.name
+    if objective == "sft":
+        loss = _loss(cfg, model_config, notes)
+        kernels = _kernels(cfg.kernels, model_config, machine, notes)
+        dropout = _dropout(cfg.adapter, machine)
+    else:  # TRL's preference trainers compute their own loss, without SFTTrainer's levers (objectives.py)
+        loss, kernels, dropout = objective, "none", "torch"
+        notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
+                     "kernels, fast dropout, length grouping) do not apply")
     every, by, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels, dropout,
                                                        notes)
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
-        batching=cfg.batching, pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
+        batching=cfg.batching if objective == "sft" else "shuffled",
+        pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
         memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
         estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
-        data_format=_data_format(data_stats), notes=tuple(notes))
+        data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer),
+        notes=tuple(notes))
 
 
 def _round(gib: float | None) -> float | None:
@@ -374,7 +385,8 @@ def describe(plan: Plan) -> str:
             ("loss / kernels / dropout", f"{plan.loss} / {plan.kernels} / {plan.dropout_impl}"),
             ("batching / allocator", f"{plan.batching} / {plan.allocator}"),
             ("checkpointing", f"{check} (by {plan.checkpointing_by}); step estimate {est}"),
-            ("data / task metric", f"{plan.data_format} / {plan.task_metric}")]
+            ("data / task metric", f"{plan.data_format} / {plan.task_metric}"),
+            ("adapter kept", plan.keep)]
     width = max(len(k) for k, _ in rows)
     lines = ["Plan:"] + [f"  {k:<{width}}  {v}" for k, v in rows] + [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -50,6 +50,8 @@ def run_report(cfg, m: dict[str, Any]) -> str:
     lines = [
         "# qlora_lab run report",
         "",
+        f"- objective: `{m.get('objective', 'sft')}`" + (f" (continuing `{m['init_from']}`)" if m.get("init_from")
+                                                        else ""),
         f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
         f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
         + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
@@ -62,6 +64,7 @@ def run_report(cfg, m: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| held-out task score ({m['task_metric']}, n={m['task_eval_samples']}) | {_fmt(before, 3)} | {_fmt(after, 3)} |",
         f"| held-out eval loss | {_fmt(m.get('eval_loss_before'))} | {_fmt(m['eval_loss'])} |",
+        *_preference_rows(m),
         "",
         (f"- train loss: {_fmt(m['train_loss'])} · training time: {m['train_runtime_s']:.1f} s "
          f"(whole run {m['total_runtime_s']:.1f} s) · {m['tokens_per_s']} tokens/s (non-padding) on {m['device']}"),
@@ -69,6 +72,7 @@ def run_report(cfg, m: dict[str, Any]) -> str:
     ]
     if m.get("skipped_updates"):
         lines.append(f"- {m['skipped_updates']} optimizer step(s) skipped for non-finite gradients")
+    lines += _eval_lines(m, (cfg.get("early_stopping") or {}).get("patience"))
     if m.get("examples"):
         lines += ["", "## Held-out examples (after training)", ""]
         for ex in m["examples"]:
@@ -76,6 +80,43 @@ def run_report(cfg, m: dict[str, Any]) -> str:
                       f"  - answer: `{ex['answer']}` ({'correct' if ex['ok'] else 'wrong'})",
                       f"  - reference: `{ex['reference']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _preference_rows(m: dict[str, Any]) -> list[str]:
+    """report.md's before/after rows of a preference objective (objectives.py)."""
+    if m.get("objective") in (None, "sft"):
+        return []
+    rows = [("held-out preference accuracy (log p(chosen) > log p(rejected))", "preference_accuracy"),
+            (f"held-out reward accuracy ({m['objective']}, vs the reference)", "reward_accuracy"),
+            ("held-out reward margin", "reward_margin")]
+    return [f"| {label} | {_fmt(m.get(key + '_before'), 3)} | {_fmt(m.get(key + '_after'), 3)} |"
+            for label, key in rows if m.get(key + "_after") is not None or m.get(key + "_before") is not None]
+
+
+def eval_curve(log_history: list[dict], metric: str = "eval_loss") -> list[dict[str, Any]]:
+    """The held-out evaluations of a Trainer log history, in order: {"step", "eval_loss"[, metric]} each."""
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return [{"step": e["step"], "eval_loss": e["eval_loss"], **({key: e[key]} if key in e else {})}
+            for e in log_history if "eval_loss" in e and "step" in e]
+
+
+def _eval_lines(m: dict[str, Any], patience: Any = None) -> list[str]:
+    """report.md's table of the evaluations during training, the kept one marked."""
+    curve = m.get("eval_curve") or []
+    if not curve:
+        return []
+    keys = list(dict.fromkeys(k for point in curve for k in point if k != "step"))
+    best = m.get("best_step")
+    lines = ["", "## Held-out evaluations during training", "",
+             f"adapter/ holds the {'best evaluated checkpoint' if m.get('keep') == 'best' else 'last step'}"
+             + (f" (step {best})" if m.get("keep") == "best" and best is not None else "")
+             + ("; training stopped early: no improvement for "
+                f"{patience} evaluation(s)" if m.get("stopped_early") else "") + ".",
+             "", "| step | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for point in curve:
+        mark = " (kept)" if m.get("keep") == "best" and point["step"] == best else ""
+        lines.append(f"| {point['step']}{mark} | " + " | ".join(_fmt(point.get(k)) for k in keys) + " |")
+    return lines
 
 
 def middle_cut(text: str, limit: int = PROMPT_CHARS) -> str:

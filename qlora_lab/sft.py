@@ -101,7 +101,17 @@ class QloraSFTTrainer(SFTTrainer):
         # another precision than the uninterrupted run. Cast back before the optimizer state is loaded, so that
         # the optimizer state is cast to the same dtypes as in the uninterrupted run.
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for name, param in (model or self.model).named_parameters():
+        self._restore_trainable_dtypes(model or self.model)
+
+    def _load_best_model(self):
+        # keep=best (load_best_model_at_end): transformers reloads the best checkpoint's adapter through peft's
+        # load_adapter, which upcasts it to float32 too; back to the dtypes it trained and was saved in, so that
+        # <run>/adapter/ holds exactly the best checkpoint's weights
+        super()._load_best_model()
+        self._restore_trainable_dtypes(self.model)
+
+    def _restore_trainable_dtypes(self, model) -> None:
+        for name, param in model.named_parameters():
             want = self._trainable_dtypes.get(name)
             if want is not None and param.dtype != want:
                 param.data = param.data.to(want)
@@ -329,7 +339,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.
 class GuardCallback(TrainerCallback):
     """Divergence checks and preemption at step boundaries."""
 
-    def __init__(self, trainer: QloraSFTTrainer):
+    def __init__(self, trainer):
         self.trainer = trainer
         self.preempted_by: str | None = None
         self._previous: dict[int, object] = {}
@@ -353,10 +363,12 @@ class GuardCallback(TrainerCallback):
                     "at once)", name)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.drop_nonfinite_update()
+        if isinstance(self.trainer, QloraSFTTrainer):  # TRL's preference trainers (objectives.py): preemption only
+            self.trainer.drop_nonfinite_update()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.check_step()
+        if isinstance(self.trainer, QloraSFTTrainer):
+            self.trainer.check_step()
         if self.preempted_by is not None:
             control.should_save = True
             control.should_training_stop = True

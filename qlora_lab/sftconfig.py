@@ -91,13 +91,55 @@ def trainer_field_help(name: str) -> str:
     return ""
 
 
-def build_sft_config(trainer_cfg: DictConfig, output_dir: Path, *, cuda: bool, mixed_precision: str):
+def resolve_keep(keep: str, trainer_cfg: DictConfig) -> str:
+    """``keep`` ("best", "last" or "auto") as a run applies it: auto = best when the run evaluates and saves
+    checkpoints (trainer.eval_strategy, trainer.save_strategy not "no"), else last."""
+    if keep == "auto":
+        off = [str(trainer_cfg.get(k)).lower() in ("no", "none") for k in ("eval_strategy", "save_strategy")]
+        return "last" if any(off) else "best"
+    return keep
+
+
+def overfitting_fields(keep: str, early_stopping: DictConfig, trainer_cfg: DictConfig) -> dict[str, Any]:
+    """The SFTConfig fields that carry the overfitting guard (``keep`` resolved: "best" or "last").
+
+    transformers does the work: ``load_best_model_at_end`` + ``metric_for_best_model`` track the best evaluation in
+    TrainerState and load that checkpoint when training ends, and EarlyStoppingCallback (built in trainer.py) reads
+    the same ``metric_for_best_model``. Loading the best needs a checkpoint at every evaluation (TrainingArguments
+    refuses save steps that are not a multiple of the eval steps), so keep=best saves when it evaluates; the
+    trainer's save_total_limit rotation always keeps the best one. ``restore_callback_states_from_checkpoint`` makes
+    a resume restore the early-stopping counter that trainer_state.json records (``stateful_callbacks``);
+    transformers' default (False) would start it again from 0."""
+    fields: dict[str, Any] = {}
+    patience = early_stopping.patience or 0
+    if keep == "best" or patience > 0:
+        fields["metric_for_best_model"] = early_stopping.metric
+        if early_stopping.greater_is_better is not None:
+            fields["greater_is_better"] = early_stopping.greater_is_better
+    if keep == "best":
+        every = trainer_cfg.eval_steps if trainer_cfg.eval_steps is not None else trainer_cfg.logging_steps
+        fields.update(load_best_model_at_end=True, save_strategy=trainer_cfg.eval_strategy, save_steps=every)
+    if patience > 0:
+        fields["restore_callback_states_from_checkpoint"] = True
+    return fields
+
+
+def build_sft_config(trainer_cfg: DictConfig, output_dir: Path, *, cuda: bool, mixed_precision: str,
+                     extra: dict[str, Any] | None = None, config_class: type | None = None):
     """TRL's SFTConfig from the ``trainer`` group, with the fields qlora_lab owns filled in from the plan:
     ``cuda`` (the plan's device) and ``mixed_precision`` ("bf16", "fp16" or "no": what an unset trainer.bf16 /
-    trainer.fp16 becomes)."""
+    trainer.fp16 becomes); ``extra``: fields set over the group's (overfitting_fields, an objective's own).
+
+    ``config_class``: another TRL config (DPOConfig, KTOConfig, ORPOConfig: qlora_lab/objectives.py) built from the
+    same group: the fields it lacks (SFT's packing, completion_only_loss, ...) are left out, and so is SFT's
+    ``loss_type`` (the same name means the objective's own loss there; ``extra`` sets it)."""
     from trl import SFTConfig
 
-    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    kwargs = {**OmegaConf.to_container(trainer_cfg, resolve=True), **(extra or {})}
+    if config_class is not None:
+        own = {f.name for f in dataclasses.fields(config_class)}
+        kwargs = {k: v for k, v in kwargs.items()
+                  if k in own and (k != "loss_type" or "loss_type" in (extra or {}))}
     for old, new in DEPRECATED_TRAINER_ALIASES.items():
         # transformers >= 5.2x renamed gradient_checkpointing* to activation_checkpointing*: where the new name
         # exists, the old one fills it only when it is unset (transformers' own rule, minus its FutureWarning).
@@ -116,12 +158,12 @@ def build_sft_config(trainer_cfg: DictConfig, output_dir: Path, *, cuda: bool, m
         kwargs["bf16"] = mixed_precision == "bf16"
         kwargs["fp16"] = mixed_precision == "fp16"
     try:
-        return SFTConfig(output_dir=str(output_dir), **kwargs)
+        return (config_class or SFTConfig)(output_dir=str(output_dir), **kwargs)
     except ValueError as e:  # transformers/TRL name the fields as command-line flags: --save_steps
         raise UserError("invalid trainer settings: " + re.sub(r"--(\w+)", r"trainer.\1", str(e))) from None
 
 
-def check_sft_config(trainer_cfg: DictConfig, cuda: bool) -> str | None:
+def check_sft_config(trainer_cfg: DictConfig, cuda: bool, extra: dict[str, Any] | None = None) -> str | None:
     """transformers' and TRL's own checks of the trainer settings (e.g. eval/save step multiples): the message, or
     None. Leaves the process as it found it: TrainingArguments.__post_init__ sets up accelerate's process state
     (``self.device``, unconditionally, transformers 5 training_args.py "Device Init") and may export ACCELERATE_*
@@ -132,7 +174,7 @@ def check_sft_config(trainer_cfg: DictConfig, cuda: bool) -> str | None:
     with _untouched_process_state():
         try:
             build_sft_config(trainer_cfg, Path(tempfile.gettempdir()) / "qlora-lab-validate", cuda=cuda,
-                             mixed_precision="no")
+                             mixed_precision="no", extra=extra)
         except UserError as e:
             return str(e)
     return None

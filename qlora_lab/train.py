@@ -18,7 +18,21 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from qlora_lab import adapters, estimate, measure, models, plan, prepare, progress, report, rundir, sweeps, task
+from qlora_lab import (
+    adapters,
+    estimate,
+    measure,
+    models,
+    objectives,
+    plan,
+    preference,
+    prepare,
+    progress,
+    report,
+    rundir,
+    sweeps,
+    task,
+)
 from qlora_lab.config import CONF_DIR, register_configs
 from qlora_lab.cpu import allocator
 from qlora_lab.distributed import is_main_process, world_size
@@ -53,7 +67,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- data: the tokenizer and the rows first, the most common source of user errors (cached: prepare.py)
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
-    prepared = prepare.prepare(cfg, tokenizer, run_dir if main_process else None)
+    objective = cfg.objective.name  # sft: SFTTrainer (trainer.py); dpo/orpo/kto: TRL's own trainers (objectives.py)
+    if objective == "sft":
+        prepared = prepare.prepare(cfg, tokenizer, run_dir if main_process else None)
+    else:
+        prepared = preference.prepare(cfg, tokenizer, run_dir if main_process else None)
     train_ds, eval_ds = prepared.train, prepared.eval
 
     # ---- plan: every `auto` decided once for this machine, before any weight is loaded (plan.py). After the data,
@@ -68,7 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     task_rows = prepared.task_rows if metric else []
 
     # ---- model and trainer, as the plan says (trainer.py: the same chain the bench measures)
-    trainer = setup(cfg, the_plan, model_path, tokenizer, train_ds, eval_ds, run_dir)
+    build = setup if objective == "sft" else objectives.setup
+    trainer = build(cfg, the_plan, model_path, tokenizer, train_ds, eval_ds, run_dir)
     trainer.add_callback(progress.EvalSummary(len(eval_ds)))  # a line per held-out evaluation, with its time
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
@@ -77,17 +96,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- before: the base model alone (adapter disabled)
     metrics: dict[str, Any] = {"status": "running"}
-    before_eval = None
     if cfg.score_before and metric and resume is None:
         if main_process:  # generation is not collective: rank 0 scores alone
-            with adapters.base_model_only(cfg.adapter, trainer.model):
+            with objectives.starting_model(cfg, trainer.model):
                 before = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens)
+                if objective != "sft":
+                    metrics["preference_accuracy_before"] = objectives.preference_accuracy(
+                        trainer.model, tokenizer, prepared.pairs)
             metrics["task_score_before"] = before["score"]
             log.info("Held-out %s before training: %.3f (n=%d)", metric, before["score"], before["n"])
-        before_eval = EvalBeforeTraining(trainer, cfg.adapter, metrics)
-        trainer.add_callback(before_eval)
+        trainer.add_callback(EvalBeforeTraining(trainer, cfg.adapter, metrics) if objective == "sft"
+                             else objectives.EvalAtStart(trainer, metrics))
     elif resume is not None:
-        metrics.update(rundir.previous_metrics(run_dir, ("task_score_before", "eval_loss_before")))
+        metrics.update(rundir.previous_metrics(run_dir, ("task_score_before", "eval_loss_before",
+                                                         *objectives.BEFORE_KEYS)))
 
     # ---- train (resuming from the newest complete checkpoint in this run dir, if any)
     if resume:
@@ -119,12 +141,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         "Rerun the same command (same hydra.run.dir) to resume.")
     runtime = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen - tokens_at_start
+    # the evaluations during training (the final one below is of the weights kept: the best with keep=best)
+    curve = report.eval_curve(trainer.state.log_history, cfg.early_stopping.metric)
+    stopped_early = bool(cfg.early_stopping.patience) and trainer.state.global_step < trainer.state.max_steps
 
     # ---- after
     eval_metrics = trainer.evaluate()
     if not main_process:
         return {"status": "completed", "eval_loss": eval_metrics["eval_loss"], "rank": int(os.environ["RANK"])}
     after = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens) if metric else None
+    if objective != "sft":
+        metrics.update(objectives.reward_metrics(eval_metrics, "after"), objective=objective, init_from=cfg.init_from)
+        if "preference_accuracy_before" in metrics:
+            metrics["preference_accuracy_after"] = objectives.preference_accuracy(trainer.model, tokenizer,
+                                                                                  prepared.pairs)
 
     # ---- save: adapter first, metrics last (their presence marks a complete run)
     try:
@@ -148,6 +178,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_runtime_s=round(runtime, 2),
         total_runtime_s=round(time.time() - started, 2),
         global_step=trainer.state.global_step,
+        keep=the_plan.keep,
+        best_step=trainer.state.best_global_step if the_plan.keep == "best" else None,
+        best_metric=({cfg.early_stopping.metric: trainer.state.best_metric}
+                     if trainer.state.best_metric is not None else None),
+        stopped_early=stopped_early,
+        eval_curve=curve,
         resumed_from=resume,
         skipped_updates=trainer.skipped_updates,  # optimizer steps skipped for non-finite gradients
         train_tokens=tokens,

@@ -20,7 +20,7 @@ from qlora_lab.cpu import kernels as lean
 from qlora_lab.errors import UserError
 from qlora_lab.plan import LIGER_KERNEL_CONFIG, Plan
 from qlora_lab.sft import QloraSFTTrainer
-from qlora_lab.sftconfig import build_sft_config
+from qlora_lab.sftconfig import build_sft_config, overfitting_fields
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
     """TRL's SFTTrainer (qlora_lab's subclass) for the model, as the plan says: precision, batching, checkpointing,
     kernels and loss path."""
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints", cuda=plan.machine.device == "cuda",
-                            mixed_precision=plan.mixed_precision)
+                            mixed_precision=plan.mixed_precision,
+                            extra=overfitting_fields(plan.keep, cfg.early_stopping, cfg.trainer))
     _setup_tracking(args, run_dir)
     if not args.packing:
         # the rows come tokenized, masked and truncated (prepare.py); TRL's preparation would map over every row
@@ -81,9 +82,20 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
             peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
         )
     trainer.kernels = kernel_impl
+    add_early_stopping(trainer, cfg.early_stopping)
     if kernel_impl == "lean":
         lean.apply_lean_lora(trainer.model)  # the peft layers exist once SFTTrainer has wrapped the model
     return trainer
+
+
+def add_early_stopping(trainer, early_stopping: DictConfig) -> None:
+    """transformers' own EarlyStoppingCallback when early_stopping.patience is set (the SFTConfig fields it reads:
+    sftconfig.overfitting_fields)."""
+    if early_stopping.patience:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=early_stopping.patience,
+                                                   early_stopping_threshold=early_stopping.threshold))
 
 
 def _apply_batching(args, batching: str) -> None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.config import CONF_DIR, SCHEMAS, PrepareRunConfig, TrainRunConfig
 from qlora_lab.cpu import allocator
 from qlora_lab.errors import ConfigError
-from qlora_lab.sftconfig import check_sft_config
+from qlora_lab.sftconfig import check_sft_config, overfitting_fields, resolve_keep
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 ADAPTER_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "full")
@@ -494,17 +494,96 @@ def validate(cfg: DictConfig) -> None:
         p.append(f"trainer.packing=true with batching={cfg.batching}: packed sequences are already padding-free; "
                  "set batching=shuffled.")
 
+    keep_ok = _overfitting_problems(p, cfg)
+    _objective_problems(p, cfg)
     if not any(problem.startswith("trainer.") for problem in unknown):
-        _trainer_args_problems(p, t)  # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
+        # SFTConfig(**trainer) would stop at the first unknown key with a TypeError
+        extra = overfitting_fields(resolve_keep(cfg.keep, t), cfg.early_stopping, t) if keep_ok else {}
+        _trainer_args_problems(p, t, extra)
     if p:
         raise ConfigError(p)
 
 
-def _trainer_args_problems(p: list[str], t: DictConfig) -> None:
+KEEP = ("auto", "best", "last")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+
+
+def _objective_problems(p: list[str], cfg: DictConfig) -> None:
+    """What the preference objectives (TRL's DPO/ORPO/KTO trainers, qlora_lab/objectives.py) run on, and init_from."""
+    o, a, d, t = cfg.objective, cfg.adapter, cfg.data, cfg.trainer
+    check_choice(p, "objective.name", o.name, OBJECTIVES)
+    if cfg.init_from:
+        run = Path(str(cfg.init_from)).expanduser()
+        if not (run / "adapter" / "adapter_config.json").is_file():
+            p.append(f"init_from={cfg.init_from!r}: not a completed run directory (no adapter/adapter_config.json "
+                     "in it). Give the folder of a `qlora-lab train` run, e.g. outputs/2026-12-01/10-00-00.")
+        elif (run / "config.yaml").is_file():
+            first = OmegaConf.load(run / "config.yaml")
+            for key in ("model.name_or_path", "quant.method"):
+                if OmegaConf.select(first, key) != OmegaConf.select(cfg, key):
+                    p.append(f"init_from={cfg.init_from}: its adapter was trained with {key}="
+                             f"{OmegaConf.select(first, key)}, this run has {key}={OmegaConf.select(cfg, key)}; "
+                             "an adapter continues on the base it was trained on. Set the same.")
+        if o.name == "sft":
+            p.append("init_from with objective=sft: an SFT run goes on by rerunning into its own folder (same "
+                     "hydra.run.dir, a higher trainer.max_steps); init_from continues an adapter with objective=dpo, "
+                     "orpo or kto.")
+    if o.name not in OBJECTIVES or o.name == "sft":
+        return
+    if o.beta <= 0:
+        p.append(f"objective.beta={o.beta}: must be > 0 (typical: 0.05-0.5).")
+    if a.method in ("prefix", "prompt", "ptuning"):
+        p.append(f"adapter={a.method} with objective={o.name}: prompt-learning adapters prepend virtual tokens, and "
+                 "qlora_lab has not verified TRL's preference trainers with them (only LoRA-family and IA3 "
+                 "adapters). Use adapter=lora.")
+    if a.method == "full" and o.name in ("dpo", "kto"):
+        p.append(f"adapter=full with objective={o.name}: the reference model would be a second full copy of the "
+                 "model in memory (qlora_lab keeps the reference as the adapter-disabled base). Use adapter=lora, or "
+                 "objective=orpo, which needs no reference.")
+    if d.source not in ("demo", "file"):
+        p.append(f"data.source={d.source} with objective={o.name}: preference data is read from data=demo (the "
+                 "embedded preference demo) or data=file (prompt/chosen/rejected or prompt/completion/label rows) "
+                 "so far; mixtures and hub datasets are SFT-only.")
+    if d.streaming:
+        p.append(f"data.streaming=true with objective={o.name}: TRL's preference trainers tokenize the rows up "
+                 "front; streaming is SFT-only.")
+    if o.name == "kto" and t.per_device_train_batch_size < 2:
+        p.append(f"objective=kto with trainer.per_device_train_batch_size={t.per_device_train_batch_size}: KTO "
+                 "estimates its KL term from mismatched rows of a batch; use 2 or more.")
+    if o.name != "kto" and (o.desirable_weight != 1.0 or o.undesirable_weight != 1.0):
+        p.append(f"objective.desirable_weight / undesirable_weight are KTO's; objective={o.name} does not read them.")
+    if o.name == "orpo" and o.loss_type:
+        p.append("objective.loss_type with objective=orpo: ORPO has one loss; leave it null.")
+
+
+def _overfitting_problems(p: list[str], cfg: DictConfig) -> bool:
+    """early_stopping.* and keep; False when they are too wrong to build the trainer settings from."""
+    es, t = cfg.early_stopping, cfg.trainer
+    before = len(p)
+    check_choice(p, "keep", cfg.keep, KEEP)
+    evaluates = str(t.eval_strategy).lower() not in ("no", "none")
+    if es.patience is not None and es.patience < 0:
+        p.append(f"early_stopping.patience={es.patience}: give a number of evaluations >= 1, or 0 / null for no early "
+                 "stopping.")
+    elif es.patience and not evaluates:
+        p.append(f"early_stopping.patience={es.patience} with trainer.eval_strategy={t.eval_strategy}: early stopping "
+                 "watches the held-out evaluations, and this run makes none. Set trainer.eval_strategy=steps (with "
+                 "trainer.eval_steps) or epoch.")
+    if cfg.keep == "best" and not evaluates:
+        p.append(f"keep=best with trainer.eval_strategy={t.eval_strategy}: the best checkpoint is the best evaluated "
+                 "one, and this run makes no evaluation. Set trainer.eval_strategy=steps or epoch, or keep=last.")
+    if es.threshold < 0:
+        p.append(f"early_stopping.threshold={es.threshold}: must be >= 0 (the improvement an evaluation must beat).")
+    if not str(es.metric or "").strip() or str(es.metric).startswith("before_"):
+        p.append(f"early_stopping.metric={es.metric!r}: name a held-out metric the evaluation logs, e.g. eval_loss.")
+    return len(p) == before
+
+
+def _trainer_args_problems(p: list[str], t: DictConfig, extra: dict[str, Any] | None = None) -> None:
     """transformers' and TRL's own checks of the trainer settings (e.g. eval/save step multiples), reported with
     the others before any data or weight is loaded."""
     if _env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _fsdp_on(t):
         return  # their arguments set up DeepSpeed / FSDP state (and need the packages): checked when training starts
-    problem = check_sft_config(t, cuda=_has_cuda())
+    problem = check_sft_config(t, cuda=_has_cuda(), extra=extra)
     if problem:
         p.append(problem)

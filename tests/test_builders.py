@@ -113,8 +113,9 @@ def test_trainer_settings_transformers_refuses_are_reported_with_the_rest_before
     from qlora_lab.validate import validate
 
     with pytest.raises(ConfigError) as e:
+        # keep=last: keep=best (the default when evaluating) would align the saves with the evaluations itself
         validate(compose_train(["adapter.r=0", "trainer.load_best_model_at_end=true", "trainer.eval_strategy=steps",
-                                "trainer.eval_steps=3", "trainer.save_steps=2"]))
+                                "trainer.eval_steps=3", "trainer.save_steps=2", "keep=last"]))
     assert "2 problem(s)" in str(e.value) and "adapter.r=0" in str(e.value)
     assert "trainer.load_best_model_at_end requires the saving steps to be a round multiple" in str(e.value)
 

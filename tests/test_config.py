@@ -24,7 +24,7 @@ from qlora_lab.sftconfig import (
 from qlora_lab.validate import validate
 from tests.conftest import compose_train
 
-GROUPS = ["model", "quant", "adapter", "data", "trainer"]
+GROUPS = ["model", "quant", "adapter", "data", "trainer", "objective"]
 # options that need a companion setting to validate (the validator refuses them otherwise, tested below)
 REQUIRED = {"data/file": ["data.path=tests/data/prompt_completion.jsonl"], "data/hub": ["data.path=some/dataset"],
             "data/mixture": ["data.sources=[{path: tests/data/prompt_completion.jsonl, weight: 0.6},"

@@ -139,7 +139,8 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
                  "score_before=false", f"trainer.per_device_train_batch_size={spec['batch']}",
                  f"trainer.max_length={spec['seq_len']}", f"trainer.max_steps={_total_steps(spec)}",
                  "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.logging_steps=1",
-                 "trainer.report_to=none", *spec.get("overrides", [])]
+                 # keep=last: a variant that evaluates must not start saving checkpoints (keep=best saves at each one)
+                 "trainer.report_to=none", "keep=last", *spec.get("overrides", [])]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
