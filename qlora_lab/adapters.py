@@ -81,7 +81,9 @@ def apply_post_init(cfg: DictConfig, model, model_path: str, dropout_impl: str =
 
 
 def _full_precision_weights(model_path: str):
-    """name -> a function returning that tensor from the base's safetensors (one file, or shards with their index)."""
+    """(tensor name -> its file, a function reading one tensor) for the base's safetensors: one file, or shards with
+    their index. Each read opens the file again (safetensors maps it; measured: the whole LoftQ init of the 135M demo
+    model, 210 layers with their SVDs, took 11 s)."""
     import json
 
     from safetensors import safe_open
