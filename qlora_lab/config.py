@@ -374,8 +374,15 @@ class MergeRunConfig:
     base: str = "auto"
     """Base weights the adapter is merged into: "original" (the checkpoint's own weights), "nf4_roundtrip" (the
     base quantized and dequantized exactly as in training — what the adapter actually saw), or "auto"
-    (nf4_roundtrip for 4-bit runs, original otherwise; README "Merge" shows how to compare them on a run).
+    (4-bit runs: both, scored on the run's held-out rows, the better kept — see ``score``; original otherwise).
     "original" is refused for adapter.init=loftq runs: their adapter already holds the original − 4-bit difference."""
+    score: bool = True
+    """base=auto on a 4-bit run with a held-out task metric: merge into both bases, score each merged model on the
+    run's held-out rows (task score, eval loss) and keep the better (ties: the one closest to the trained model);
+    both are recorded in merge_info.json. false = no scoring: nf4_roundtrip, the weights the adapter trained
+    against."""
+    score_samples: Optional[int] = None
+    """Held-out rows to score each base on; null = the run's own data.task_eval_samples."""
     dtype: str = "bfloat16"
     """dtype of the saved weights: "bfloat16", "float16" or "float32". The merge itself runs in float32."""
     check_prompts: int = 4

@@ -33,7 +33,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab.config import CONF_DIR, register_configs
+from qlora_lab.config import CONF_DIR, MergeRunConfig, register_configs
 from qlora_lab.errors import UserError, exit_on_user_error
 from qlora_lab.files import write_json_atomic, write_text_atomic
 
@@ -151,8 +151,9 @@ def _merged(cfg: DictConfig, run) -> Path:
             return merged
     from qlora_lab import merge
 
-    merge.merge(OmegaConf.create({"run": str(run.dir), "out": str(merged), "base": cfg.base, "dtype": "bfloat16",
-                                  "check_prompts": cfg.check_prompts}))
+    merge.merge(OmegaConf.merge(OmegaConf.structured(MergeRunConfig), {
+        "run": str(run.dir), "out": str(merged), "base": cfg.base, "dtype": "bfloat16",
+        "check_prompts": cfg.check_prompts}))
     return merged
 
 

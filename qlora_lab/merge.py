@@ -34,7 +34,12 @@ SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 
 
 def merge(cfg: DictConfig) -> dict[str, Any]:
-    """Merge ``cfg.run``'s adapter; write ``cfg.out`` (default <run>/merged); return the check numbers."""
+    """Merge ``cfg.run``'s adapter; write ``cfg.out`` (default <run>/merged); return the check numbers.
+
+    ``base=auto`` on a 4-bit run with a held-out task metric merges into both bases, scores each merged model on
+    the run's held-out rows (task score and eval loss) and keeps the better one (ties: the one that reproduces the
+    trained model best): an adapter trained against the 4-bit error can work better on the weights without it, and
+    only a score tells (measured on the demo: benchmarks/results/quality-*.md)."""
     problems = unknown_key_problems(cfg, MergeRunConfig)
     if cfg.base not in BASES:
         problems.append(f"base={cfg.base!r}: use one of {', '.join(BASES)}.")
@@ -52,17 +57,22 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
                         f"to merge. Use it as is: qlora-lab chat run={run.adapter_dir}, or "
                         f"AutoModelForCausalLM.from_pretrained('{run.adapter_dir}').")
     four_bit = run.cfg.quant.method in ("nf4", "fp4")
-    base = cfg.base if cfg.base != "auto" else ("nf4_roundtrip" if four_bit else "original")
-    if base == "nf4_roundtrip" and not four_bit:
+    if cfg.base == "nf4_roundtrip" and not four_bit:
         raise UserError(f"base=nf4_roundtrip: run {run.dir} trained on quant={run.cfg.quant.method}, not a 4-bit "
                         "base, so there is no quantization to round-trip. Use base=original.")
-    if base == "original" and run.method == "lora" and run.cfg.adapter.get("init") == "loftq":
+    loftq = run.method == "lora" and run.cfg.adapter.get("init") == "loftq"
+    if cfg.base == "original" and loftq:
         # peft's replace_lora_weights_loftq leaves the 4-bit base as it is and starts B·A at the quantization error
         # W − Q(W) of each layer, so the adapter already holds a correction towards the original weights
         raise UserError(f"base=original: run {run.dir} trained adapter.init=loftq, whose adapter starts as the 4-bit "
                         "quantization error of each layer (the original weights minus their NF4 version); merged "
                         "into the original weights that correction would count twice. Use base=nf4_roundtrip (what "
                         "base=auto picks for this run): the weights the adapter was trained against.")
+    candidates = candidate_bases(cfg.base, four_bit, loftq)
+    metric = run.metrics.get("task_metric")
+    scoring = len(candidates) > 1 and cfg.score and metric not in (None, "none")
+    if len(candidates) > 1 and not scoring:
+        candidates = candidates[:1]  # nothing to score them by: the faithful one
     out = Path(cfg.out).expanduser() if cfg.out else run.dir / "merged"
 
     trained, tokenizer = load_trained(run)
@@ -70,18 +80,33 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     # The trained model's logits first, so that only one model is in memory at a time: its own 4-bit base then
     # becomes the float32 merge base (nf4_roundtrip), or it is freed before the original weights are loaded.
     reference = prompt_logits(trained, tokenizer, prompts)
-    float_base = dequantized_base(trained) if base == "nf4_roundtrip" else None
-    del trained
-    gc.collect()
-    merged = merged_model(run, float_base)
-    merged.to(SAVE_DTYPES[cfg.dtype])
-    check = compare_logits(reference, merged.eval(), tokenizer, prompts)
-    log.info("Merged (base=%s, saved as %s) vs trained model (%s base + adapter) on %d held-out prompts: "
-             "max |Δlogit| = %.4g, top-1 agreement = %.2f%%", base, cfg.dtype, run.cfg.quant.method, check["prompts"],
-             check["max_abs_logit_delta"], 100 * check["top1_agreement"])
+    held = heldout_for_scoring(run, tokenizer, cfg.score_samples) if scoring else None
+    results: dict[str, dict[str, Any]] = {}
+    merged = None
+    for base in candidates:
+        merged = None
+        source, trained = (trained if base == "nf4_roundtrip" else None), None
+        gc.collect()
+        merged = merged_on(run, base, source, cfg.dtype)
+        del source
+        check = compare_logits(reference, merged, tokenizer, prompts)
+        log.info("Merged (base=%s, saved as %s) vs trained model (%s base + adapter) on %d held-out prompts: "
+                 "max |Δlogit| = %.4g, top-1 agreement = %.2f%%", base, cfg.dtype, run.cfg.quant.method,
+                 check["prompts"], check["max_abs_logit_delta"], 100 * check["top1_agreement"])
+        results[base] = {"check": check, **(quality(merged, tokenizer, held, metric, run) if held else {})}
+    base = pick_base(results) if scoring else candidates[0]
+    if scoring:
+        log.info("%s", score_table(results, base, metric, run, cfg.dtype))
+    if base != candidates[-1]:  # the winner was freed to score the other: build it again (deterministic)
+        merged = None
+        gc.collect()
+        merged = merged_on(run, base, None, cfg.dtype)
 
     info = {"run": str(run.dir), "base_model": run.cfg.model.name_or_path, "merge_base": base, "dtype": cfg.dtype,
-            "train_quant": run.cfg.quant.method, "adapter": run.method, "check": check}
+            "train_quant": run.cfg.quant.method, "adapter": run.method, "check": results[base]["check"],
+            "selected_by": ("task score" if scoring else "base=auto: the weights the adapter trained against"
+                            if cfg.base == "auto" else f"base={cfg.base}"),
+            **({"candidates": results} if scoring else {})}
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -89,6 +114,94 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
         (tmp / "README.md").write_text(model_card(run, info))
     log.info("Wrote %s", out)
     return info
+
+
+def candidate_bases(base: str, four_bit: bool, loftq: bool) -> list[str]:
+    """The bases ``base`` (a MergeRunConfig.base) may merge into, the faithful one first."""
+    if base != "auto":
+        return [base]
+    if not four_bit:
+        return ["original"]
+    return ["nf4_roundtrip"] if loftq else ["nf4_roundtrip", "original"]
+
+
+def pick_base(results: dict[str, dict[str, Any]]) -> str:
+    """The base whose merged model scored best on the held-out task; ties: the one closest to the trained model
+    (highest top-1 agreement)."""
+    return max(results, key=lambda b: (results[b]["task_score"], results[b]["check"]["top1_agreement"]))
+
+
+def merged_on(run: Run, base: str, trained, dtype: str):
+    """The run's adapter merged into ``base``, cast to ``dtype``, in eval mode. ``trained`` (consumed: its 4-bit
+    base is dequantized in place) saves loading the run's model again for nf4_roundtrip."""
+    if base == "nf4_roundtrip":
+        trained = trained if trained is not None else load_trained(run)[0]
+        model = merged_model(run, dequantized_base(trained))
+    else:
+        model = merged_model(run)
+    return model.to(SAVE_DTYPES[dtype]).eval()
+
+
+def heldout_for_scoring(run: Run, tokenizer, n: int | None) -> dict[str, Any]:
+    """The run's held-out rows, as training prepared them: task rows (prompt/reference, up to ``n``, default the
+    run's own count) and the encoded rows its eval loss is computed on (SFT runs)."""
+    from qlora_lab import preference, prepare
+
+    n = n if n is not None else run.metrics.get("task_eval_samples") or run.cfg.data.task_eval_samples
+    objective = run.cfg.objective.name if "objective" in run.cfg else "sft"  # runs from before objectives: SFT
+    if objective == "sft":
+        prepared = prepare.prepare(run.cfg, tokenizer, task_samples=n)
+        return {"task_rows": prepared.task_rows, "encoded": prepared.eval}
+    cfg = run.cfg.copy()
+    cfg.data.task_eval_samples = n
+    return {"task_rows": preference.load(cfg, objective)[2], "encoded": None}
+
+
+def quality(model, tokenizer, held: dict[str, Any], metric: str, run: Run) -> dict[str, Any]:
+    """``model``'s held-out task score and (SFT runs) eval loss, computed as training did."""
+    from qlora_lab import task
+
+    scored = task.task_score(model, tokenizer, held["task_rows"], metric, run.cfg.data.max_new_tokens)
+    out = {"task_score": scored["score"], "task_rows": scored["n"]}
+    if held["encoded"] is not None:
+        out["eval_loss"] = heldout_loss(model, held["encoded"])
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model, encoded) -> float:
+    """Mean cross-entropy per scored token (labels != -100) over the encoded held-out rows, one row at a time.
+
+    Per token over the whole set, which is what the Trainer's eval loss is when every batch holds the same number
+    of scored tokens; with uneven rows the two differ slightly, so compare bases with this number, not with the
+    run's eval_loss."""
+    total, count = 0.0, 0
+    for row in encoded:
+        ids = torch.tensor([row["input_ids"]], device=model.device)
+        labels = torch.tensor([row["labels"]], device=model.device)[:, 1:]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        mask = labels != -100
+        if mask.any():
+            total += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+            count += int(mask.sum())
+    return round(total / max(count, 1), 5)
+
+
+def score_table(results: dict[str, dict[str, Any]], chosen: str, metric: str, run: Run, dtype: str) -> str:
+    """The bases side by side, as merge prints them."""
+    n = next(iter(results.values()))["task_rows"]
+    lines = [f"Merge bases scored on {n} held-out rows (greedy, merged weights in {dtype}):",
+             f"  {'base':<15}{metric:>12}{'eval loss':>11}{'top-1 vs trained':>18}{'max |Δlogit|':>14}"]
+    for base, r in results.items():
+        loss = f"{r['eval_loss']:.4f}" if "eval_loss" in r else "-"
+        lines.append(f"  {base:<15}{r['task_score']:>12.3f}{loss:>11}{r['check']['top1_agreement']:>17.1%} "
+                     f"{r['check']['max_abs_logit_delta']:>13.4g}")
+    trained = run.metrics.get("task_score_after")
+    if trained is not None:
+        lines.append(f"  (the trained model, {run.cfg.quant.method} base + adapter: {metric} {trained:.3f})")
+    other = next((b for b in results if b != chosen), None)
+    lines.append(f"  -> base=auto picks {chosen}" + (f"; base={other} forces the other" if other else ""))
+    return "\n".join(lines)
 
 
 def merged_model(run: Run, float_base=None):

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from qlora_lab import chat as chat_mod
 from qlora_lab.config import CONF_DIR
 from qlora_lab.errors import UserError
-from qlora_lab.merge import merge
+from qlora_lab.merge import merge, pick_base
 from qlora_lab.train import train
 from tests.conftest import TINY, compose_train
 from tests.test_cli import assert_clean_failure, run_cli
@@ -76,7 +76,7 @@ def test_fp32_merge_matches_base_plus_adapter_tightly(fp32_run, tmp_path):
 def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    rt = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'rt'}"]))
+    rt = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'rt'}", "score=false"]))
     orig = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'orig'}", "base=original"]))
     assert rt["merge_base"] == "nf4_roundtrip" and rt["dtype"] == "bfloat16"
     # the documented default: merging into the weights the adapter saw reproduces the trained model better
@@ -90,6 +90,67 @@ def test_qlora_merge_defaults_to_nf4_roundtrip_and_beats_original(qlora_run, tmp
             "README.md", "merge_info.json"} <= files
     assert "nf4_roundtrip" in (tmp_path / "rt" / "README.md").read_text()
     assert json.loads((tmp_path / "rt" / "merge_info.json").read_text())["check"] == rt["check"]
+
+
+def test_auto_scores_both_bases_on_the_heldout_rows_and_records_them(qlora_run, tmp_path):
+    info = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'auto'}"]))
+    cands = info["candidates"]
+    assert set(cands) == {"nf4_roundtrip", "original"} and info["selected_by"] == "task score"
+    for r in cands.values():
+        assert r["task_rows"] == 4 and 0 <= r["task_score"] <= 1
+        assert 0 < r["eval_loss"] < 20, r  # a real loss of the tiny random model (ln(vocab) ~ 10)
+    assert cands["nf4_roundtrip"]["eval_loss"] != cands["original"]["eval_loss"]  # two different models were scored
+    assert info["merge_base"] == pick_base(cands)
+    assert json.loads((tmp_path / "auto" / "merge_info.json").read_text())["candidates"] == cands
+
+
+@pytest.mark.parametrize("scores", [{"nf4_roundtrip": 0.5, "original": 0.75}, {"nf4_roundtrip": 0.5, "original": 0.5},
+                                    {"nf4_roundtrip": 0.75, "original": 0.5}])
+def test_auto_saves_the_better_scored_base_exactly_as_forcing_it_would(qlora_run, tmp_path, monkeypatch, scores):
+    """The kept model is the winner's merge byte for byte, whether it was built last or rebuilt after scoring the
+    other (the scores are set, so that each branch is taken; ties go to the faithful nf4_roundtrip)."""
+    from safetensors.torch import load_file
+
+    from qlora_lab import merge as merge_mod
+
+    built = []
+    real = merge_mod.merged_on
+    monkeypatch.setattr(merge_mod, "merged_on", lambda run, base, *a: built.append(base) or real(run, base, *a))
+    by_loss = {}
+
+    def fake_quality(model, tokenizer, held, metric, run):
+        loss = merge_mod.heldout_loss(model, held["encoded"])
+        base = built[-1]
+        by_loss[base] = loss
+        return {"task_score": scores[base], "task_rows": 4, "eval_loss": loss}
+
+    monkeypatch.setattr(merge_mod, "quality", fake_quality)
+    info = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'auto'}"]))
+    expected = "original" if scores["original"] > scores["nf4_roundtrip"] else "nf4_roundtrip"
+    assert info["merge_base"] == expected
+    assert built == ["nf4_roundtrip", "original"] + (["nf4_roundtrip"] if expected == "nf4_roundtrip" else [])
+    monkeypatch.undo()
+    merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'forced'}", f"base={expected}"]))
+    got, want = load_file(tmp_path / "auto/model.safetensors"), load_file(tmp_path / "forced/model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_pick_base_prefers_the_score_then_the_faithful_one():
+    def r(score, agree):
+        return {"task_score": score, "check": {"top1_agreement": agree}}
+    assert pick_base({"nf4_roundtrip": r(0.646, 0.981), "original": r(0.771, 0.59)}) == "original"
+    assert pick_base({"nf4_roundtrip": r(0.7, 0.981), "original": r(0.7, 0.59)}) == "nf4_roundtrip"
+    assert pick_base({"nf4_roundtrip": r(0.8, 0.981), "original": r(0.7, 0.59)}) == "nf4_roundtrip"
+
+
+def test_score_false_and_forced_bases_score_nothing(qlora_run, tmp_path, monkeypatch):
+    from qlora_lab import merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "quality", lambda *a: pytest.fail("scored"))
+    info = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'a'}", "score=false"]))
+    assert info["merge_base"] == "nf4_roundtrip" and "candidates" not in info
+    info = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'b'}", "base=original"]))
+    assert info["merge_base"] == "original" and info["selected_by"] == "base=original"
 
 
 @pytest.fixture(scope="module")
