@@ -34,20 +34,22 @@ UNPAIRED = ("prompt", "completion", "label")
 def demo_pairs(n: int, split: str, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` prompt/chosen/rejected rows of the demo task (plain strings; the same prompts as task.demo_rows)."""
     rng = random.Random(f"{seed}-{split}-rejected")
-    cities = task._CITIES
-    pairs = []
-    for row in task.demo_rows(n, split, seed):
-        fact = json.loads(row["completion"])
-        wrong = dict(fact)
-        kind = rng.choice(("swap", "city", "age"))
-        if kind == "swap":  # the city and the job in each other's place
-            wrong["city"], wrong["job"] = fact["job"], fact["city"]
-        elif kind == "city":
-            wrong["city"] = rng.choice([c for c in cities if c != fact["city"]])
-        else:
-            wrong["age"] = fact["age"] + rng.choice((-3, -2, -1, 1, 2, 3))
-        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": json.dumps(wrong)})
-    return pairs
+    return [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": wrong_answer(row["completion"], rng)}
+            for row in task.demo_rows(n, split, seed)]
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible wrong JSON answer of the demo task: two fields swapped, another city, or an age off by a few."""
+    fact = json.loads(answer)
+    wrong = dict(fact)
+    kind = rng.choice(("swap", "city", "age"))
+    if kind == "swap":  # the city and the job in each other's place
+        wrong["city"], wrong["job"] = fact["job"], fact["city"]
+    elif kind == "city":
+        wrong["city"] = rng.choice([c for c in task._CITIES if c != fact["city"]])
+    else:
+        wrong["age"] = fact["age"] + rng.choice((-3, -2, -1, 1, 2, 3))
+    return json.dumps(wrong)
 
 
 def _as_chat(rows: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:

@@ -43,6 +43,27 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
+@pytest.mark.integration
+def test_preference_rows_run_beside_trls_plain_trainer(tmp_path):
+    """bench.methods=[dpo,kto]: our objective=... chain and TRL's trainer with its defaults, on the same rows as pairs."""
+    proc = run_cli("bench", "model=tiny-random", "bench.methods=[dpo,kto]", "bench.seq_lens=[160]",
+                   "bench.batch_sizes=[2]", "bench.steps=2", "bench.warmup_steps=1",
+                   f"bench.results_dir={tmp_path}", "bench.name=prefs", f"hydra.run.dir={tmp_path / 'work'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "prefs.json").read_text())
+    assert [(r["method"], r["recipe"]) for r in out["results"]] == [
+        ("dpo", "qlora_lab"), ("dpo", "plain"), ("kto", "qlora_lab"), ("kto", "plain")]
+    for r in out["results"]:
+        assert r["status"] == "completed", r
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["trainable_params"] == 32768 and r["estimated_mb"] is None
+        assert r["flops_per_token"] == 6 * r["matmul_params"]  # + the reference model's forward
+    pairs = [json.loads(line) for line in (tmp_path / "work/pairs-160.jsonl").read_text().splitlines()]
+    assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
+    assert {x["method"] for x in out["ratios"]} == {"dpo", "kto"}
+    assert "| dpo | 160 | 2 | qlora_lab |" in (tmp_path / "prefs.md").read_text()
+
+
 @pytest.mark.integration  # a CLI process
 def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(tmp_path):
     import torch

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from qlora_lab import estimate, models
-from qlora_lab.bench.rows import bench_rows, write_rows
+from qlora_lab.bench.rows import bench_rows, preference_rows, write_rows
 from qlora_lab.config import CONF_DIR, BenchRunConfig, register_configs
 from qlora_lab.cpu import allocator
 from qlora_lab.errors import ConfigError, exit_on_user_error
@@ -38,7 +38,8 @@ from qlora_lab.files import write_json_atomic, write_text_atomic
 from qlora_lab.validate import check_choice, unknown_key_problems
 
 log = logging.getLogger(__name__)
-METHODS = ("qlora", "lora", "full", "prefix")
+METHODS = ("qlora", "lora", "full", "prefix", "dpo", "orpo", "kto")
+PREFERENCE = ("dpo", "orpo", "kto")  # QLoRA with TRL's preference trainer: rows as chosen/rejected pairs
 RECIPES = ("qlora_lab", "plain")
 # dense bf16 tensor-core peak of the SXM cards (NVIDIA datasheets); other GPUs and CPUs are measured
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -164,6 +165,7 @@ def _write_rows(work: Path, model_path: str, seq_len: int, n: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = bench_rows(tokenizer, n, seq_len)
     write_rows(work / f"rows-{seq_len}.jsonl", rows)
+    write_rows(work / f"pairs-{seq_len}.jsonl", preference_rows(rows))
     shares = [len(tokenizer(r["messages"][-1]["content"])["input_ids"]) /
               len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
     return sum(shares) / len(shares)
@@ -176,7 +178,7 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
     tag = tag.replace(":", "-")
     overrides = [*b.overrides, *(b.variants[variant] if variant else [])]
     spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
-            "rows_path": str(work / f"rows-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
+            "rows_path": str(work / f"{'pairs' if row['method'] in PREFERENCE else 'rows'}-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
             "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides,
             "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
@@ -202,6 +204,9 @@ def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: fl
     from transformers import AutoConfig
 
     row["mfu"] = round(row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12), 4)
+    if row["method"] in PREFERENCE:  # estimate.py models SFT's activations only
+        row["estimated_mb"] = row["measured_over_estimate"] = None
+        return
     quant = "nf4" if row["method"] == "qlora" else "none"
     adapter = {"qlora": "lora"}.get(row["method"], row["method"])
     est = estimate.estimate(AutoConfig.from_pretrained(model_path), quant=quant, adapter=adapter,
@@ -264,8 +269,9 @@ def markdown(out: dict[str, Any]) -> str:
             continue
         memcols = (f"{r['cuda_max_reserved_mb']:,.0f} | {r['cuda_max_allocated_mb']:,.0f}" if cuda
                    else f"{r['peak_rss_mb']:,.0f}")
+        est = f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']})" if r.get("estimated_mb") else "-"
         lines.append(f"{key} {r['tokens_per_s']:,.1f} | {r['step_time_s']:.3f}{_median(r)} | {memcols} | "
-                     f"{r['estimated_mb']:,.0f} ({r['measured_over_estimate']}) | {100 * r['mfu']:.1f}% | "
+                     f"{est} | {100 * r['mfu']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
                      f"{r.get('kernels', 'none')} | {r.get('allocator', 'system')} | {_first_loss(r)} |")
     evaluated = [r for r in out["results"] if r["status"] == "completed" and r.get("evaluations")]

@@ -1,4 +1,5 @@
-"""Benchmark rows: chat rows of the demo task with few-shot examples, lengths spread over [seq_len/4, seq_len].
+"""Benchmark rows: chat rows of the demo task with few-shot examples, lengths spread over [seq_len/4, seq_len]
+(and the same rows as preference pairs for the preference objectives' rows).
 
 Real SFT data has rows of many lengths, so padding (and how a recipe avoids it) counts; the loss is on the last
 answer only (prompt/completion), as in most instruction tuning. Deterministic for a given (seq_len, seed).
@@ -36,6 +37,17 @@ def bench_rows(tokenizer, n: int, seq_len: int, seed: int = 0) -> list[dict]:
             row = longer
         rows.append(row)
     return rows
+
+
+def preference_rows(rows: list[dict], seed: int = 0) -> list[dict]:
+    """The rows as conversational prompt/chosen/rejected pairs: chosen = the row's answer, rejected = a plausible
+    wrong one (as the embedded preference demo makes them), for the preference objectives' rows."""
+    from qlora_lab.preference import wrong_answer
+
+    rng = random.Random(f"bench-pairs-{seed}")
+    return [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
+             "rejected": [{"role": "assistant", "content": wrong_answer(r["messages"][-1]["content"], rng)}]}
+            for r in rows]
 
 
 def _row(question: dict, shots: list[dict]) -> dict:

@@ -24,7 +24,15 @@ METHOD_OVERRIDES = {
     "lora": ["quant=none", "adapter=lora"],
     "full": ["quant=none", "adapter=full"],
     "prefix": ["quant=none", "adapter=prefix"],
+    # the preference objectives on the default QLoRA base (TRL's trainers; qlora_lab/objectives.py)
+    "dpo": ["quant=nf4", "adapter=lora", "objective=dpo"],
+    "orpo": ["quant=nf4", "adapter=lora", "objective=orpo"],
+    "kto": ["quant=nf4", "adapter=lora", "objective=kto"],
 }
+PREFERENCE = ("dpo", "orpo", "kto")
+# matmul FLOPs per token and matmul parameter: forward 2N + input-gradient 2N for a frozen base (+ weight-gradient 2N
+# for full fine-tuning); DPO and KTO also run the reference model forward (the adapter disabled, no gradient): + 2N
+FLOPS_FACTOR = {"full": 6, "dpo": 6, "kto": 6}
 
 
 class StepTimer(TrainerCallback):
@@ -128,7 +136,7 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from qlora_lab import estimate, models, plan, prepare
+    from qlora_lab import estimate, models, objectives, plan, preference, prepare
     from qlora_lab.config import CONF_DIR, register_configs
     from qlora_lab.trainer import setup
     from qlora_lab.validate import validate
@@ -148,11 +156,13 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     validate(cfg)
     model_path = models.resolve_model_path(cfg.model.name_or_path)
     tokenizer = models.build_tokenizer(cfg.model, model_path)
-    prepared = prepare.prepare(cfg, tokenizer)
+    prefs = spec["method"] in PREFERENCE
+    prepared = (preference if prefs else prepare).prepare(cfg, tokenizer)
     the_plan = plan.make(cfg, plan.Machine.detect(), models.model_config(cfg.model, model_path),
                          estimate.shape_or_none(tokenizer, prepared.train, cfg.trainer.max_length), prepared.stats,
                          len(prepared.task_rows))
-    trainer = setup(cfg, the_plan, model_path, tokenizer, prepared.train, prepared.eval, Path(spec["output_dir"]))
+    build = objectives.setup if prefs else setup
+    trainer = build(cfg, the_plan, model_path, tokenizer, prepared.train, prepared.eval, Path(spec["output_dir"]))
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer, {"loss_impl": the_plan.loss, "checkpointing": _checkpointed_share(trainer),
@@ -172,8 +182,9 @@ def _checkpointed_share(trainer) -> float:
 def _plain_trainer(spec: dict, callbacks: list):
     from qlora_lab.bench import plain_recipe
 
-    trainer = plain_recipe.build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"],
-                                 spec["seq_len"], _total_steps(spec), spec["output_dir"], callbacks)
+    build = plain_recipe.build_preference if spec["method"] in PREFERENCE else plain_recipe.build
+    trainer = build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"], spec["seq_len"],
+                    _total_steps(spec), spec["output_dir"], callbacks)
     return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none",
                      "dropout_impl": "torch"}
 
@@ -201,8 +212,7 @@ def run(spec: dict) -> dict[str, Any]:
     result.update(timer.measure(spec["warmup_steps"], spec["steps"]))
     if profiler:
         result["profile"] = profiler.top_ops()
-    factor = 6 if spec["method"] == "full" else 4  # forward 2N + input-gradient 2N (+ weight-gradient 2N)
-    result["flops_per_token"] = factor * result["matmul_params"]
+    result["flops_per_token"] = FLOPS_FACTOR.get(spec["method"], 4) * result["matmul_params"]
     result["losses"] = timer.losses
     if timer.eval_losses:  # evaluations ran during training (trainer.eval_strategy in a variant)
         result.update(evaluations=len(timer.eval_losses), eval_s=round(timer.eval_s, 2),
