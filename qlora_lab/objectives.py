@@ -9,6 +9,8 @@ quantization, adapter, trainer settings and run directory as SFT (trainer.py bui
 - The trainer group's fields that the objective's TRL config has are passed on (learning rate, batch size, steps,
   evaluation, saving, precision ...); SFT-only fields (packing, completion_only_loss, ...) and SFT's loss_type are
   left out; the objective group sets beta, loss_type and KTO's weights.
+- The divergence guard (skip a non-finite update, stop after ``max_nonfinite_steps`` in a row) and preemption are
+  the SFT run's (sft.py DivergenceGuard, GuardCallback), around TRL's trainer class.
 - The CPU levers (selective loss, lean kernels, fast dropout, length grouping) are SFTTrainer-side and not applied:
   TRL's preference trainers compute their own loss (disable_dropout=True turns dropout off).
 """
@@ -27,6 +29,7 @@ from transformers import TrainerCallback
 from qlora_lab import adapters, models
 from qlora_lab.errors import UserError
 from qlora_lab.plan import Plan
+from qlora_lab.sft import guarded
 from qlora_lab.sftconfig import build_sft_config, overfitting_fields
 from qlora_lab.trainer import add_early_stopping
 
@@ -99,10 +102,10 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
                   peft_config=peft_config)
     if cfg.objective.name != "orpo":
         kwargs["ref_model"] = None  # the adapter-disabled model (or the loaded adapter's frozen copy): see above
-    trainer = trainer_cls(**kwargs)
+    trainer = guarded(trainer_cls)(**kwargs)  # the divergence guard, as SFT's (sft.py DivergenceGuard)
+    trainer.init_guard(cfg.max_nonfinite_steps)
     adapters.fix_bnb_adapter_layers(trainer.model)
     add_early_stopping(trainer, cfg.early_stopping)
-    trainer.skipped_updates = 0  # the divergence guard's count (sft.py) is SFT-only so far
     return trainer
 
 

@@ -80,10 +80,13 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
-class QloraSFTTrainer(SFTTrainer):
-    def __init__(self, *args, loss_impl: str = "fused", max_nonfinite_steps: int = 3, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_impl = loss_impl  # "fused" (TRL's), "native" (the model's), "selective" (labelled positions)
+class DivergenceGuard:
+    """The divergence guard, for any transformers Trainer (SFT here; TRL's preference trainers, objectives.py):
+    placed before the Trainer class in the bases, so that its ``training_step`` and ``_get_grad_norm`` wrap the
+    Trainer's; :class:`GuardCallback` calls ``drop_nonfinite_update`` and ``check_step`` at the step's hooks. The
+    module docstring says what it does."""
+
+    def init_guard(self, max_nonfinite_steps: int) -> None:
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_steps = 0
         self._step_loss_finite = True
@@ -92,6 +95,81 @@ class QloraSFTTrainer(SFTTrainer):
         self._streak_scale = None  # the loss scale at the first step of the current run of non-finite steps
         self.skipped_updates = 0  # optimizer steps skipped for non-finite gradients
         self._grad_norm = None  # the Trainer's own gradient norm of the step in progress
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.note_step_loss(loss)
+        return loss
+
+    def note_step_loss(self, loss: torch.Tensor) -> None:
+        """Record whether a micro-batch's loss was finite (for the optimizer step it belongs to)."""
+        if not torch.isfinite(loss.detach()).all():
+            self._step_loss_finite = False
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.24's step computes the total gradient norm here (clipping or not), before the
+        # on_pre_optimizer_step callbacks: kept for drop_nonfinite_update instead of computing it twice
+        self._grad_norm = super()._get_grad_norm(model, grad_norm)
+        return self._grad_norm
+
+    def drop_nonfinite_update(self) -> None:
+        """Before each optimizer step: with a non-finite gradient anywhere, skip the update (the optimizer skips
+        parameters without a gradient), so that one bad batch cannot turn every weight into NaN for good — which
+        AdamW would do, and the checkpoints after it would keep. Decided on the step's total gradient norm; under
+        DDP the gradients are all-reduced first, so every rank decides alike."""
+        norm, self._grad_norm = self._grad_norm, None
+        if norm is None:  # a Trainer that did not compute it: the same norm here
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+        self._step_scale = self._loss_scale()
+        if math.isfinite(float(norm)):
+            return
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_updates += 1
+        self._step_grads_finite = False
+        if self._step_scale is not None and self._step_loss_finite:
+            log.info("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the scale backs "
+                     "off (%d skipped so far)", self.state.global_step + 1, self._step_scale, self.skipped_updates)
+        else:
+            log.warning("step %d: non-finite gradients; this update is skipped (%d so far)",
+                        self.state.global_step + 1, self.skipped_updates)
+
+    def _loss_scale(self) -> float | None:
+        """The fp16 GradScaler's current scale (accelerate's ``Accelerator.scaler``), or None without one."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return float(scaler.get_scale())
+
+    def check_step(self) -> None:
+        """Called at each optimizer-step end (by :class:`GuardCallback`)."""
+        loss_finite, grads_finite, scale = self._step_loss_finite, self._step_grads_finite, self._step_scale
+        self._step_loss_finite, self._step_grads_finite, self._step_scale = True, True, None
+        if loss_finite and grads_finite:
+            self._nonfinite_steps, self._streak_scale = 0, None
+        else:
+            if self._streak_scale is None:
+                self._streak_scale = scale
+            backed_off = scale is not None and self._streak_scale is not None and scale < self._streak_scale
+            if counts_as_divergent(loss_finite, grads_finite, scale, backed_off):
+                self._nonfinite_steps += 1
+        if self.max_nonfinite_steps and self._nonfinite_steps >= self.max_nonfinite_steps:
+            raise Diverged(f"the training loss was not finite for {self._nonfinite_steps} consecutive steps (up to "
+                           f"step {self.state.global_step}). Lower trainer.learning_rate, keep trainer.max_grad_norm "
+                           "> 0, or use bf16 instead of fp16; the checkpoints saved before are kept.")
+
+
+def guarded(trainer_cls: type) -> type:
+    """``trainer_cls`` with the divergence guard (a subclass named Guarded<name>)."""
+    return type(f"Guarded{trainer_cls.__name__}", (DivergenceGuard, trainer_cls), {})
+
+
+class QloraSFTTrainer(DivergenceGuard, SFTTrainer):
+    def __init__(self, *args, loss_impl: str = "fused", max_nonfinite_steps: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_impl = loss_impl  # "fused" (TRL's), "native" (the model's), "selective" (labelled positions)
+        self.init_guard(max_nonfinite_steps)
         self._recompute_dropout = None
         # TRL keeps QLoRA adapters in bf16; remember each trainable tensor's dtype so a resume keeps it
         self._trainable_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
@@ -212,69 +290,6 @@ class QloraSFTTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         return loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.note_step_loss(loss)
-        return loss
-
-    def note_step_loss(self, loss: torch.Tensor) -> None:
-        """Record whether a micro-batch's loss was finite (for the optimizer step it belongs to)."""
-        if not torch.isfinite(loss.detach()).all():
-            self._step_loss_finite = False
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # transformers 5.24's step computes the total gradient norm here (clipping or not), before the
-        # on_pre_optimizer_step callbacks: kept for drop_nonfinite_update instead of computing it twice
-        self._grad_norm = super()._get_grad_norm(model, grad_norm)
-        return self._grad_norm
-
-    def drop_nonfinite_update(self) -> None:
-        """Before each optimizer step: with a non-finite gradient anywhere, skip the update (the optimizer skips
-        parameters without a gradient), so that one bad batch cannot turn every weight into NaN for good — which
-        AdamW would do, and the checkpoints after it would keep. Decided on the step's total gradient norm; under
-        DDP the gradients are all-reduced first, so every rank decides alike."""
-        norm, self._grad_norm = self._grad_norm, None
-        if norm is None:  # a Trainer that did not compute it: the same norm here
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
-        self._step_scale = self._loss_scale()
-        if math.isfinite(float(norm)):
-            return
-        for p in self.model.parameters():
-            p.grad = None
-        self.skipped_updates += 1
-        self._step_grads_finite = False
-        if self._step_scale is not None and self._step_loss_finite:
-            log.info("step %d: fp16 gradients overflowed at loss scale %g; the update is skipped and the scale backs "
-                     "off (%d skipped so far)", self.state.global_step + 1, self._step_scale, self.skipped_updates)
-        else:
-            log.warning("step %d: non-finite gradients; this update is skipped (%d so far)",
-                        self.state.global_step + 1, self.skipped_updates)
-
-    def _loss_scale(self) -> float | None:
-        """The fp16 GradScaler's current scale (accelerate's ``Accelerator.scaler``), or None without one."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        return float(scaler.get_scale())
-
-    def check_step(self) -> None:
-        """Called at each optimizer-step end (by :class:`GuardCallback`)."""
-        loss_finite, grads_finite, scale = self._step_loss_finite, self._step_grads_finite, self._step_scale
-        self._step_loss_finite, self._step_grads_finite, self._step_scale = True, True, None
-        if loss_finite and grads_finite:
-            self._nonfinite_steps, self._streak_scale = 0, None
-        else:
-            if self._streak_scale is None:
-                self._streak_scale = scale
-            backed_off = scale is not None and self._streak_scale is not None and scale < self._streak_scale
-            if counts_as_divergent(loss_finite, grads_finite, scale, backed_off):
-                self._nonfinite_steps += 1
-        if self.max_nonfinite_steps and self._nonfinite_steps >= self.max_nonfinite_steps:
-            raise Diverged(f"the training loss was not finite for {self._nonfinite_steps} consecutive steps (up to "
-                           f"step {self.state.global_step}). Lower trainer.learning_rate, keep trainer.max_grad_norm "
-                           "> 0, or use bf16 instead of fp16; the checkpoints saved before are kept.")
-
 
 # At or below this fp16 loss scale a GradScaler no longer amplifies the gradients, so an overflow there is the
 # gradients' own and backing off further cannot help.
@@ -363,11 +378,11 @@ class GuardCallback(TrainerCallback):
                     "at once)", name)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if isinstance(self.trainer, QloraSFTTrainer):  # TRL's preference trainers (objectives.py): preemption only
+        if isinstance(self.trainer, DivergenceGuard):
             self.trainer.drop_nonfinite_update()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if isinstance(self.trainer, QloraSFTTrainer):
+        if isinstance(self.trainer, DivergenceGuard):
             self.trainer.check_step()
         if self.preempted_by is not None:
             control.should_save = True

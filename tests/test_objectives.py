@@ -119,3 +119,28 @@ def test_dpo_init_from_continues_the_sft_runs_adapter(tmp_path, captured):
     dpo = load_file(dpo_run / "adapter" / "adapter_model.safetensors")
     assert dpo.keys() == sft.keys() and not all(torch.equal(dpo[k], sft[k]) for k in sft)  # and DPO moved it
     assert not (dpo_run / "adapter" / "ref").exists()  # TRL's frozen reference copy is not saved with it
+
+
+@pytest.mark.integration
+def test_the_divergence_guard_skips_non_finite_dpo_steps_and_stops_a_diverged_run(tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    from qlora_lab import train as train_mod
+    from qlora_lab.sft import Diverged
+
+    real = DPOTrainer.compute_loss
+
+    def nan_from_step_2(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return loss * float("nan") if not return_outputs and self.state.global_step >= 2 else loss
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", nan_from_step_2)
+    with pytest.raises(Diverged, match="not finite for 2 consecutive steps"):
+        train_mod.train(compose_train([*TINY_PREF, "objective=dpo", "trainer.max_steps=6", "max_nonfinite_steps=2",
+                                       "trainer.save_strategy=steps", "trainer.save_steps=2"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["global_step"] == 4  # steps 3 and 4 skipped, then stopped
+    assert metrics["last_checkpoint"].endswith("checkpoint-2")  # the run stops before step 4's save
+    for name, tensor in load_file(tmp_path / "checkpoints/checkpoint-2/adapter_model.safetensors").items():
+        assert torch.isfinite(tensor).all(), name
+    assert not (tmp_path / "adapter").exists()
