@@ -222,6 +222,11 @@ class ObjectiveConfig:
     """kto: weight of the desirable rows' loss."""
     undesirable_weight: float = 1.0
     """kto: weight of the undesirable rows' loss."""
+    sft_weight: float = 0.0
+    """dpo: weight of an added SFT loss (negative log-likelihood) on the chosen answers, TRL's multi-loss
+    ``loss_type=[<loss_type>, "sft"]`` with ``loss_weights=[1, sft_weight]`` (RPO). It keeps the chosen answers
+    likely: plain DPO only widens the chosen-rejected gap, and on the demo after SFT it broke the JSON format
+    (README "Preference tuning"). 0 = plain DPO."""
 
 
 @dataclass

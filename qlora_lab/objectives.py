@@ -63,6 +63,10 @@ def objective_fields(objective: DictConfig) -> dict[str, Any]:
     fields: dict[str, Any] = {"beta": objective.beta}
     if objective.name in ("dpo", "kto") and objective.loss_type:
         fields["loss_type"] = [objective.loss_type] if objective.name == "dpo" else objective.loss_type
+    if objective.name == "dpo" and objective.get("sft_weight"):
+        # TRL 1.16 DPOConfig: several loss types are summed with loss_weights; "sft" is the chosen answers' NLL
+        fields["loss_type"] = [objective.loss_type or "sigmoid", "sft"]
+        fields["loss_weights"] = [1.0, float(objective.sft_weight)]
     if objective.name == "kto":
         fields.update(desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight)
         if objective.loss_type != "apo_zero_unpaired":

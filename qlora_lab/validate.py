@@ -554,6 +554,9 @@ def _objective_problems(p: list[str], cfg: DictConfig) -> None:
         p.append(f"objective.desirable_weight / undesirable_weight are KTO's; objective={o.name} does not read them.")
     if o.name == "orpo" and o.loss_type:
         p.append("objective.loss_type with objective=orpo: ORPO has one loss; leave it null.")
+    if o.get("sft_weight", 0) < 0 or (o.get("sft_weight") and o.name != "dpo"):
+        p.append(f"objective.sft_weight={o.sft_weight} with objective={o.name}: a weight >= 0, for objective=dpo only "
+                 "(ORPO has its SFT term built in; KTO has none in TRL).")
 
 
 def _overfitting_problems(p: list[str], cfg: DictConfig) -> bool:

@@ -27,15 +27,15 @@ def test_qlora_on_the_embedded_model_learns_the_demo_task(tmp_path):
 
 
 def test_dpo_on_the_embedded_model_learns_to_prefer_the_correct_answers(tmp_path):
-    # objective=dpo on the embedded preference demo, shortened (~1.5 min on 2 CPU cores): the held-out pairs'
-    # preference accuracy (chosen more likely than rejected) and TRL's reward accuracy must rise
+    # objective=dpo on the embedded preference demo, shortened (8 steps of 4 pairs): TRL's reward accuracy on the
+    # held-out pairs (the policy's log-ratio to the reference larger for the chosen answer) rises from 0 — at the
+    # start the policy is the reference, every reward 0 and DPO's loss log 2 — to most pairs. (The model's own
+    # preference is no test here: the base already gives the correct JSON the higher likelihood on every pair.)
     metrics = train(compose_train([
-        "objective=dpo", "data.max_train_samples=64", "data.max_eval_samples=16", "data.task_eval_samples=4",
-        "data.max_new_tokens=24", "trainer.max_steps=8", "trainer.per_device_train_batch_size=8",
-        "trainer.learning_rate=1e-3", "trainer.eval_strategy=no", "trainer.save_strategy=no",
+        "objective=dpo", "data.max_train_samples=32", "data.max_eval_samples=16", "data.task_eval_samples=0",
+        "trainer.max_steps=8", "trainer.per_device_train_batch_size=4", "trainer.learning_rate=1e-3",
+        "trainer.eval_strategy=no", "trainer.save_strategy=no",
     ], tmp_path))
     assert metrics["status"] == "completed" and metrics["global_step"] == 8 and metrics["objective"] == "dpo"
-    assert metrics["reward_accuracy_before"] == 0  # the policy is the reference at the start: every reward is 0
     assert metrics["reward_accuracy_after"] >= 0.75 and metrics["reward_margin_after"] > 0, metrics
-    assert metrics["preference_accuracy_after"] > metrics["preference_accuracy_before"], metrics
-    assert metrics["eval_loss"] < metrics["eval_loss_before"]  # DPO's loss: log 2 at the start
+    assert metrics["eval_loss"] < 0.6  # log 2 = 0.693 at the start

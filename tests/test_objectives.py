@@ -49,6 +49,8 @@ def test_the_preference_demo_pairs_a_correct_answer_with_a_plausible_wrong_one()
     (["objective=dpo", "objective.beta=0"], "objective.beta=0"),
     (["objective=dpo", "+init_from=/nonexistent/run"], "init_from='/nonexistent/run': not a completed run"),
     (["objective=dpo", "objective.name=ppo"], "objective.name='ppo' is not one of sft, dpo, orpo, kto"),
+    (["objective=kto", "objective.sft_weight=1"], "objective.sft_weight=1.0 with objective=kto"),
+    (["objective=dpo", "objective.sft_weight=-1"], "objective.sft_weight=-1.0 with objective=dpo"),
 ])
 def test_the_validator_refuses_what_the_preference_trainers_do_not_run(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -79,6 +81,21 @@ def _reload_with_plain_peft(run, cfg_quant="nf4"):
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert saved and len(loaded) == len(saved)
     return model
+
+
+def test_dpo_sft_weight_adds_trls_sft_loss_on_the_chosen_answers():
+    from qlora_lab.objectives import objective_fields
+    from qlora_lab.sftconfig import build_sft_config
+
+    fields = objective_fields(compose_train([*TINY, "objective=dpo", "objective.sft_weight=0.5"]).objective)
+    assert fields["loss_type"] == ["sigmoid", "sft"] and fields["loss_weights"] == [1.0, 0.5]
+    assert "loss_weights" not in objective_fields(compose_train([*TINY, "objective=dpo"]).objective)
+    from trl import DPOConfig  # and TRL takes them as they are
+
+    cfg = compose_train([*TINY, "objective=dpo", "objective.sft_weight=0.5"])
+    args = build_sft_config(cfg.trainer, "/tmp/unused", cuda=False, mixed_precision="no", config_class=DPOConfig,
+                            extra=fields)
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
 
 
 @pytest.mark.integration
