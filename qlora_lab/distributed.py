@@ -82,3 +82,80 @@ class SlurmTasksAsRanks(Callback):
             export_slurm_ranks()
         except Exception as e:  # Hydra turns a callback's Exception into a warning: the tasks would then train apart
             raise SystemExit(f"error: could not set up torch.distributed from SLURM's task ids: {e}") from e
+
+
+def stop_signal_on_any_rank(signum: int) -> int:
+    """The largest signal number any rank has received (0: none), agreed by all ranks; ``signum`` unchanged in one
+    process. Collective: every rank calls it at the same step.
+
+    A scheduler may signal one process only (``kill`` of a rank, a node's own OOM killer), and a rank that stops
+    alone leaves the others blocked in the next all-reduce. One scalar all-reduce (MAX) per step makes every rank
+    stop at the same step boundary, where the Trainer's control saves one checkpoint (collectively) and ends.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return signum
+    # NCCL reduces tensors on the rank's GPU only; gloo on CPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([signum], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def sharded_by(trainer) -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when the trainer's accelerator shards the model's weights, else None."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:  # as Accelerator.get_state_dict reads it
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def gathered_state_dict(trainer) -> dict | None:
+    """The model's whole state dict, gathered from the shards onto rank 0 (CPU), when FSDP or ZeRO-3 shard it;
+    None when every rank holds whole weights. Collective: every rank must call it.
+
+    accelerate's ``Accelerator.get_state_dict`` (accelerate/accelerator.py) is the gather transformers' own
+    ``Trainer.save_model`` uses: FSDP2 ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` (a full
+    dict on rank 0, empty elsewhere), FSDP1 ``FULL_STATE_DICT`` with ``rank0_only``, ZeRO-3
+    ``_zero3_consolidated_16bit_state_dict`` (needs ``zero3_save_16bit_model: true``). ``Trainer.save_model`` itself
+    gathers under FSDP only when the plugin's ``state_dict_type`` is FULL_STATE_DICT (transformers/trainer.py), and
+    the shipped FSDP config keeps SHARDED_STATE_DICT for fast checkpoints; hence the explicit call here.
+    """
+    if sharded_by(trainer) is None:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def strategy(trainer) -> str:
+    """How the trainer's accelerator distributes this run: "FSDP1", "FSDP2", "DeepSpeed ZeRO-<n>", "DDP" or "none"
+    (recorded in metrics.json: what ran, not what was asked for)."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.deepspeed_config['zero_optimization']['stage']}"
+    return "none" if kind == DistributedType.NO else "DDP"
+
+
+def warn_if_not_sharded(trainer) -> None:
+    """Say so when accelerate was launched for FSDP / DeepSpeed but runs plain data parallel.
+
+    accelerate 1.15 ``AcceleratorState.__init__`` (accelerate/state.py) enables FSDP only for GPU-like distributed
+    types (its branch lists MULTI_GPU, MULTI_XPU, MULTI_NPU, ...; not MULTI_CPU) and DeepSpeed only ``and not cpu``:
+    on CPU ranks both configs silently train as data parallel, every rank holding the whole model.
+    """
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "").strip().lower() in ("1", "true", "yes")]
+    got = strategy(trainer)
+    if asked and not got.startswith(asked[0][:4]):
+        log.warning("launched for %s, but accelerate runs this as %s (device %s): accelerate shards with %s on GPU-like "
+                    "devices only, so every rank holds the whole model.", asked[0], got, trainer.args.device, asked[0])
