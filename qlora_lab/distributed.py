@@ -111,7 +111,7 @@ def sharded_by(trainer) -> str | None:
     if accelerator.distributed_type == DistributedType.FSDP:
         return "FSDP"
     if accelerator.distributed_type == DistributedType.DEEPSPEED and \
-            accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:  # as Accelerator.get_state_dict reads it
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
         return "DeepSpeed ZeRO-3"
     return None
 
@@ -142,7 +142,7 @@ def strategy(trainer) -> str:
     if kind == DistributedType.FSDP:
         return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
     if kind == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.deepspeed_config['zero_optimization']['stage']}"
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     return "none" if kind == DistributedType.NO else "DDP"
 
 

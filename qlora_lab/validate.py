@@ -182,6 +182,11 @@ def _zero_stage(problems: list[str], t: DictConfig) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
+def zero3_requested(t: DictConfig) -> bool:
+    """Whether this run is launched under DeepSpeed ZeRO-3 (accelerate's environment or ``trainer.deepspeed``)."""
+    return _zero_stage([], t) == 3
+
+
 def _sharded_by(problems: list[str], t: DictConfig) -> str | None:
     """"FSDP" or "DeepSpeed ZeRO-3" when the run shards its parameters across processes, else None.
 
