@@ -22,6 +22,46 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 
+def env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def zero_stage(t, problems: list[str] | None = None) -> int | None:
+    """The DeepSpeed ZeRO stage this run is launched with, or None without DeepSpeed (read before anything starts:
+    the validator's and the plan's view; ``t`` is the ``trainer`` config group). An unreadable config file is added
+    to ``problems``.
+
+    ``trainer.deepspeed`` (a JSON file or a mapping, as for TrainingArguments) wins over what ``accelerate launch``
+    exports: ACCELERATE_USE_DEEPSPEED=true with ACCELERATE_DEEPSPEED_ZERO_STAGE, or ACCELERATE_DEEPSPEED_CONFIG_FILE
+    (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Without a stage, accelerate's DeepSpeedPlugin uses 2.
+    """
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    ds = t.get("deepspeed")
+    if not ds and not env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    if not ds and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    source = ds or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if OmegaConf.is_dict(source):
+        conf = OmegaConf.to_container(source)
+    elif source:
+        key = "trainer.deepspeed" if ds else "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+        try:
+            conf = json.loads(Path(str(source)).expanduser().read_text())
+        except (OSError, ValueError) as e:
+            if problems is not None:
+                problems.append(f"{key}={str(source)!r}: not a readable DeepSpeed JSON config ({e}).")
+            return None
+    else:
+        return 2
+    stage = (conf.get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

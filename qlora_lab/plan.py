@@ -237,10 +237,10 @@ def _loss(cfg: DictConfig, model_config, notes: list[str]) -> str:
             notes.append(f"loss={cfg.loss} does not compute {trl_only}: TRL's loss (fused) instead")
         return "fused"
     if cfg.loss in ("auto", "selective"):
-        from qlora_lab.validate import zero3_requested
+        from qlora_lab.distributed import zero_stage
 
         why_not = selective_loss_supported(model_config, cfg.adapter.method)
-        if why_not is None and zero3_requested(cfg.trainer):
+        if why_not is None and zero_stage(cfg.trainer) == 3:
             # measured on 2 CPU ranks: the output layer's weight is an empty ZeRO-3 partition (shape (0,)) outside its
             # own forward, where the selective loss reads it (ZeroDivisionError in chunked_lm_loss). FSDP2 keeps it
             # whole: accelerate shards the final norm and the output layer with reshard_after_forward=False
