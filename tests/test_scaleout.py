@@ -125,7 +125,7 @@ def test_an_fsdp_config_on_cpu_ranks_trains_as_data_parallel_and_says_so(tmp_pat
 DEEPSPEED = importlib.util.find_spec("deepspeed")
 
 
-@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed is not installed (pip install deepspeed)")
+@pytest.mark.skipif(DEEPSPEED is None, reason="deepspeed is not installed (pip install --no-build-isolation deepspeed)")
 @pytest.mark.parametrize("stage, quant", [(2, "none"), (3, "nf4")])
 def test_deepspeed_zero_two_ranks_match_one_process(tmp_path, single, stage, quant):
     """conf/accelerate/deepspeed_zero{2,3}.yml on 2 CPU ranks (DeepSpeed's CPU accelerator, gloo). Changed for CPU:
