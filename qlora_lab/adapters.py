@@ -236,11 +236,15 @@ def save_initial_adapter(cfg: DictConfig, model, folder: Path) -> Path | None:
     return init_dir
 
 
-def save_adapter(cfg: DictConfig, model, folder: Path, initial: Path | None) -> None:
-    """Save the trained adapter; PiSSA/OLoRA are converted so that they apply to the original base model."""
+def save_adapter(cfg: DictConfig, model, folder: Path, initial: Path | None, state_dict: dict | None = None) -> None:
+    """Save the trained adapter; PiSSA/OLoRA are converted so that they apply to the original base model.
+    ``state_dict``: the model's weights gathered from FSDP / ZeRO-3 shards (distributed.gathered_state_dict), from
+    which peft's save_pretrained picks the adapter's (get_peft_model_state_dict(state_dict=...))."""
     # the trained adapter only: TRL's preference trainers keep a frozen copy of a loaded adapter as the reference
     # ("ref", objectives.py), which peft would save beside it into ref/
     only = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
+    if state_dict is not None:
+        only["state_dict"] = state_dict
     if initial is not None:
         # peft turns the residual-based adapter into an equivalent rank-2r LoRA on the untouched base weights.
         model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial), **only)

@@ -22,6 +22,46 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 
+def env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def zero_stage(t, problems: list[str] | None = None) -> int | None:
+    """The DeepSpeed ZeRO stage this run is launched with, or None without DeepSpeed (read before anything starts:
+    the validator's and the plan's view; ``t`` is the ``trainer`` config group). An unreadable config file is added
+    to ``problems``.
+
+    ``trainer.deepspeed`` (a JSON file or a mapping, as for TrainingArguments) wins over what ``accelerate launch``
+    exports: ACCELERATE_USE_DEEPSPEED=true with ACCELERATE_DEEPSPEED_ZERO_STAGE, or ACCELERATE_DEEPSPEED_CONFIG_FILE
+    (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Without a stage, accelerate's DeepSpeedPlugin uses 2.
+    """
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    ds = t.get("deepspeed")
+    if not ds and not env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    if not ds and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    source = ds or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if OmegaConf.is_dict(source):
+        conf = OmegaConf.to_container(source)
+    elif source:
+        key = "trainer.deepspeed" if ds else "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+        try:
+            conf = json.loads(Path(str(source)).expanduser().read_text())
+        except (OSError, ValueError) as e:
+            if problems is not None:
+                problems.append(f"{key}={str(source)!r}: not a readable DeepSpeed JSON config ({e}).")
+            return None
+    else:
+        return 2
+    stage = (conf.get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -82,3 +122,80 @@ class SlurmTasksAsRanks(Callback):
             export_slurm_ranks()
         except Exception as e:  # Hydra turns a callback's Exception into a warning: the tasks would then train apart
             raise SystemExit(f"error: could not set up torch.distributed from SLURM's task ids: {e}") from e
+
+
+def stop_signal_on_any_rank(signum: int) -> int:
+    """The largest signal number any rank has received (0: none), agreed by all ranks; ``signum`` unchanged in one
+    process. Collective: every rank calls it at the same step.
+
+    A scheduler may signal one process only (``kill`` of a rank, a node's own OOM killer), and a rank that stops
+    alone leaves the others blocked in the next all-reduce. One scalar all-reduce (MAX) per step makes every rank
+    stop at the same step boundary, where the Trainer's control saves one checkpoint (collectively) and ends.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return signum
+    # NCCL reduces tensors on the rank's GPU only; gloo on CPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([signum], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def sharded_by(trainer) -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when the trainer's accelerator shards the model's weights, else None."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def gathered_state_dict(trainer) -> dict | None:
+    """The model's whole state dict, gathered from the shards onto rank 0 (CPU), when FSDP or ZeRO-3 shard it;
+    None when every rank holds whole weights. Collective: every rank must call it.
+
+    accelerate's ``Accelerator.get_state_dict`` (accelerate/accelerator.py) is the gather transformers' own
+    ``Trainer.save_model`` uses: FSDP2 ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` (a full
+    dict on rank 0, empty elsewhere), FSDP1 ``FULL_STATE_DICT`` with ``rank0_only``, ZeRO-3
+    ``_zero3_consolidated_16bit_state_dict`` (needs ``zero3_save_16bit_model: true``). ``Trainer.save_model`` itself
+    gathers under FSDP only when the plugin's ``state_dict_type`` is FULL_STATE_DICT (transformers/trainer.py), and
+    the shipped FSDP config keeps SHARDED_STATE_DICT for fast checkpoints; hence the explicit call here.
+    """
+    if sharded_by(trainer) is None:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def strategy(trainer) -> str:
+    """How the trainer's accelerator distributes this run: "FSDP1", "FSDP2", "DeepSpeed ZeRO-<n>", "DDP" or "none"
+    (recorded in metrics.json: what ran, not what was asked for)."""
+    from accelerate.utils import DistributedType
+
+    accelerator = trainer.accelerator
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "none" if kind == DistributedType.NO else "DDP"
+
+
+def warn_if_not_sharded(trainer) -> None:
+    """Say so when accelerate was launched for FSDP / DeepSpeed but runs plain data parallel.
+
+    accelerate 1.15 ``AcceleratorState.__init__`` (accelerate/state.py) enables FSDP only for GPU-like distributed
+    types (its branch lists MULTI_GPU, MULTI_XPU, MULTI_NPU, ...; not MULTI_CPU) and DeepSpeed only ``and not cpu``:
+    on CPU ranks both configs silently train as data parallel, every rank holding the whole model.
+    """
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "").strip().lower() in ("1", "true", "yes")]
+    got = strategy(trainer)
+    if asked and not got.startswith(asked[0][:4]):
+        log.warning("launched for %s, but accelerate runs this as %s (device %s): accelerate shards with %s on GPU-like "
+                    "devices only, so every rank holds the whole model.", asked[0], got, trainer.args.device, asked[0])

@@ -237,7 +237,15 @@ def _loss(cfg: DictConfig, model_config, notes: list[str]) -> str:
             notes.append(f"loss={cfg.loss} does not compute {trl_only}: TRL's loss (fused) instead")
         return "fused"
     if cfg.loss in ("auto", "selective"):
+        from qlora_lab.distributed import zero_stage
+
         why_not = selective_loss_supported(model_config, cfg.adapter.method)
+        if why_not is None and zero_stage(cfg.trainer) == 3:
+            # measured on 2 CPU ranks: the output layer's weight is an empty ZeRO-3 partition (shape (0,)) outside its
+            # own forward, where the selective loss reads it (ZeroDivisionError in chunked_lm_loss). FSDP2 keeps it
+            # whole: accelerate shards the final norm and the output layer with reshard_after_forward=False
+            # (accelerate/utils/fsdp_utils.py, fsdp2_prepare_model).
+            why_not = "DeepSpeed ZeRO-3 gathers the output layer's weight only inside its own forward"
         if why_not is None:
             return "selective"
         notes.append(f"loss: native, not selective ({why_not})")

@@ -22,7 +22,9 @@
 - Length-grouped batches in an order drawn from (seed, epoch) alone, so that a resumed run skips exactly the batches
   it trained (:class:`SeededLengthGroupedSampler`).
 - Preemption: SIGTERM / SIGUSR1 set a flag; at the next step boundary the trainer saves a checkpoint and stops, and
-  the caller exits with code 143 so SLURM/submitit can requeue it. A second signal exits at once.
+  the caller exits with code 143 so SLURM/submitit can requeue it. A second signal exits at once. Under several
+  ranks the flag is all-reduced at every step boundary, so all ranks stop at the same step even when one alone was
+  signalled.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from trl import SFTTrainer
 
 from qlora_lab import checkpoints
 from qlora_lab.cpu.dropout import FastDropout, recompute_dropout_outputs
+from qlora_lab.distributed import stop_signal_on_any_rank
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -384,6 +387,12 @@ class GuardCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if isinstance(self.trainer, DivergenceGuard):
             self.trainer.check_step()
+        # every rank stops at the same step, whichever of them was signalled (distributed.py)
+        signum = stop_signal_on_any_rank(int(signal.Signals[self.preempted_by]) if self.preempted_by else 0)
+        if signum and self.preempted_by is None:
+            self.preempted_by = signal.Signals(signum).name
+            log.warning("%s received by another rank: saving a checkpoint at the end of this step, then exiting",
+                        self.preempted_by)
         if self.preempted_by is not None:
             control.should_save = True
             control.should_training_stop = True

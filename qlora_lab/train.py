@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from qlora_lab import (
     adapters,
+    distributed,
     estimate,
     measure,
     models,
@@ -88,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- model and trainer, as the plan says (trainer.py: the same chain the bench measures)
     build = setup if objective == "sft" else objectives.setup
     trainer = build(cfg, the_plan, model_path, tokenizer, train_ds, eval_ds, run_dir)
+    distributed.warn_if_not_sharded(trainer)
     trainer.add_callback(progress.EvalSummary(len(eval_ds)))  # a line per held-out evaluation, with its time
     initial_adapter = adapters.save_initial_adapter(cfg.adapter, trainer.model, run_dir) if main_process else None
     trainable, total = adapters.check_only_adapter_trainable(cfg.adapter, trainer.model)
@@ -137,6 +139,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json_atomic(run_dir / "metrics.json", {**metrics, "status": "preempted", "signal": guard.preempted_by,
                                                          "global_step": trainer.state.global_step,
                                                          "last_checkpoint": checkpoint})
+        # no rank exits before rank 0 has recorded the stop: once one worker has exited with an error, torchrun (and
+        # accelerate launch, which runs it) sends SIGTERM to the others (torch/distributed/elastic/agent/server/
+        # api.py, SimpleElasticAgent.run → _shutdown)
+        trainer.accelerator.wait_for_everyone()
         raise Preempted(f"stopped by {guard.preempted_by} at step {trainer.state.global_step}; checkpoint {checkpoint}. "
                         "Rerun the same command (same hydra.run.dir) to resume.")
     runtime = result.metrics["train_runtime"]
@@ -147,6 +153,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # ---- after
     eval_metrics = trainer.evaluate()
+    # FSDP / ZeRO-3: every rank takes part in gathering the sharded weights; rank 0 saves them (distributed.py)
+    gathered = distributed.gathered_state_dict(trainer)
     if not main_process:
         return {"status": "completed", "eval_loss": eval_metrics["eval_loss"], "rank": int(os.environ["RANK"])}
     after = task.task_score(trainer.model, tokenizer, task_rows, metric, cfg.data.max_new_tokens) if metric else None
@@ -159,7 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # ---- save: adapter first, metrics last (their presence marks a complete run)
     try:
         with atomic_dir(run_dir / "adapter") as tmp:
-            adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter)
+            adapters.save_adapter(cfg.adapter, trainer.model, tmp, initial_adapter, gathered)
             tokenizer.save_pretrained(tmp)
     except OSError as e:
         raise UserError(f"could not save the adapter into {run_dir / 'adapter'}: {e.strerror or e}. Nothing earlier "
@@ -197,6 +205,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data_from_cache=prepared.from_cache,
         device=models.device_type(),
         world_size=world_size(),
+        distributed=distributed.strategy(trainer),  # FSDP2, DeepSpeed ZeRO-3, DDP, none: what ran
         examples=after["examples"] if after else [],
     )
     write_json_atomic(run_dir / "metrics.json", metrics)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.config import CONF_DIR, SCHEMAS, PrepareRunConfig, TrainRunConfig
 from qlora_lab.cpu import allocator
+from qlora_lab.distributed import env_true, zero_stage
 from qlora_lab.errors import ConfigError
 from qlora_lab.sftconfig import check_sft_config, overfitting_fields, resolve_keep
 
@@ -150,38 +151,6 @@ def check_choice(problems: list[str], key: str, value: Any, choices: tuple[str, 
         problems.append(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def _zero_stage(problems: list[str], t: DictConfig) -> int | None:
-    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed.
-
-    ``trainer.deepspeed`` (a JSON file or a mapping, as for TrainingArguments) wins over what ``accelerate launch``
-    exports: ACCELERATE_USE_DEEPSPEED=true with ACCELERATE_DEEPSPEED_ZERO_STAGE, or ACCELERATE_DEEPSPEED_CONFIG_FILE
-    (accelerate/utils/launch.py, prepare_deepspeed_cmd_env). Without a stage, accelerate's DeepSpeedPlugin uses 2.
-    """
-    ds = t.get("deepspeed")
-    if not ds and not _env_true("ACCELERATE_USE_DEEPSPEED"):
-        return None
-    if not ds and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
-        return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    source = ds or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if OmegaConf.is_dict(source):
-        conf = OmegaConf.to_container(source)
-    elif source:
-        key = "trainer.deepspeed" if ds else "ACCELERATE_DEEPSPEED_CONFIG_FILE"
-        try:
-            conf = json.loads(Path(str(source)).expanduser().read_text())
-        except (OSError, ValueError) as e:
-            problems.append(f"{key}={str(source)!r}: not a readable DeepSpeed JSON config ({e}).")
-            return None
-    else:
-        return 2
-    stage = (conf.get("zero_optimization") or {}).get("stage", 0)
-    return stage if isinstance(stage, int) else None
-
-
 def _sharded_by(problems: list[str], t: DictConfig) -> str | None:
     """"FSDP" or "DeepSpeed ZeRO-3" when the run shards its parameters across processes, else None.
 
@@ -190,11 +159,11 @@ def _sharded_by(problems: list[str], t: DictConfig) -> str | None:
     """
     if _fsdp_on(t):
         return "FSDP"
-    return "DeepSpeed ZeRO-3" if _zero_stage(problems, t) == 3 else None
+    return "DeepSpeed ZeRO-3" if zero_stage(t, problems) == 3 else None
 
 
 def _fsdp_on(t: DictConfig) -> bool:
-    return _env_true("ACCELERATE_USE_FSDP") or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no")
+    return env_true("ACCELERATE_USE_FSDP") or str(t.get("fsdp") or "").strip().lower() not in ("", "false", "no")
 
 
 def _dtype_name(name: str) -> str:
@@ -585,7 +554,7 @@ def _overfitting_problems(p: list[str], cfg: DictConfig) -> bool:
 def _trainer_args_problems(p: list[str], t: DictConfig, extra: dict[str, Any] | None = None) -> None:
     """transformers' and TRL's own checks of the trainer settings (e.g. eval/save step multiples), reported with
     the others before any data or weight is loaded."""
-    if _env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _fsdp_on(t):
+    if env_true("ACCELERATE_USE_DEEPSPEED") or t.get("deepspeed") or _fsdp_on(t):
         return  # their arguments set up DeepSpeed / FSDP state (and need the packages): checked when training starts
     problem = check_sft_config(t, cuda=_has_cuda(), extra=extra)
     if problem:

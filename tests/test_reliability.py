@@ -205,7 +205,7 @@ def test_disk_full_while_saving_keeps_the_previous_results(tmp_path, monkeypatch
     first = train_mod.train(compose_train(RUN, tmp_path))
     before = {p: p.read_bytes() for p in [tmp_path / "metrics.json", tmp_path / "adapter/adapter_model.safetensors"]}
 
-    def full_disk(cfg, model, folder, initial):
+    def full_disk(cfg, model, folder, initial, state_dict=None):
         (folder / "adapter_model.safetensors").write_bytes(b"half-written")
         raise OSError(28, "No space left on device")
 
