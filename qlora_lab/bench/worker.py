@@ -185,7 +185,8 @@ def _plain_trainer(spec: dict, callbacks: list):
     build = plain_recipe.build_preference if spec["method"] in PREFERENCE else plain_recipe.build
     trainer = build(spec["model_path"], spec["rows_path"], spec["method"], spec["batch"], spec["seq_len"],
                     _total_steps(spec), spec["output_dir"], callbacks)
-    return trainer, {"loss_impl": "fused", "checkpointing": _checkpointed_share(trainer), "kernels": "none",
+    loss = spec["method"] if spec["method"] in PREFERENCE else "fused"  # TRL's own: the objective's, SFT's fused head
+    return trainer, {"loss_impl": loss, "checkpointing": _checkpointed_share(trainer), "kernels": "none",
                      "dropout_impl": "torch"}
 
 
