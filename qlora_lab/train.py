@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -241,6 +242,12 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
     except Preempted as e:
         log.warning("%s", e)
+        # Under torchrun, once one worker has exited non-zero the agent SIGTERMs the others
+        # (torch/distributed/elastic/multiprocessing/api.py, "Sending process ... closing signal SIGTERM"); a worker
+        # still on its way out — same step, checkpoint already written, seconds of interpreter shutdown left — died
+        # of it (-15) in the 2-rank preemption test. Ignored from here: SIG_IGN is the one disposition CPython's
+        # shutdown keeps (a Python handler is reset to the default there), so the worker ends with 143 as well.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(EXIT_PREEMPTED)  # requeue-able exit for SLURM / submitit
     except Exception as e:
         if not in_multirun():
