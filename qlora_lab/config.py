@@ -204,6 +204,9 @@ class ResumeConfig:
     anyway, with the new plan (logged and recorded in plan.json)."""
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")  # objective.name values run by TRL's preference trainers
+
+
 @dataclass
 class ObjectiveConfig:
     """What the run optimises (conf/objective/): supervised fine-tuning, or preference tuning with TRL's trainers."""
@@ -329,9 +332,9 @@ class BenchConfig:
 
     methods: list[str] = field(default_factory=lambda: ["qlora", "lora", "full", "prefix"])
     """Methods: "qlora" (NF4 base + LoRA), "lora" (bf16 base + LoRA), "full" (bf16, every weight), "prefix" (bf16 base
-    + prefix tuning), and the preference objectives on the QLoRA base: "dpo", "orpo", "kto" (TRL's trainers on the
-    same rows as chosen/rejected pairs; plain = TRL's trainer with its defaults). LoRA settings are the adapter/lora
-    defaults (r 16, alpha 32, dropout 0.05, all-linear)."""
+    + prefix tuning), and the preference objectives on the QLoRA base: "dpo", "kto" (TRL's trainers on the same rows
+    as chosen/rejected pairs; plain = TRL's trainer with its defaults; not "orpo": its batches give the Trainer no
+    tokens to count). LoRA settings are the adapter/lora defaults (r 16, alpha 32, dropout 0.05, all-linear)."""
     recipes: list[str] = field(default_factory=lambda: ["qlora_lab", "plain"])
     """"qlora_lab" (this tool's default recipe: `qlora-lab train`'s own builders) and "plain" (the hand-written TRL +
     peft + bitsandbytes script with library defaults, qlora_lab/bench/plain_recipe.py)."""

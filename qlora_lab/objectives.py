@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from qlora_lab import adapters, models
+from qlora_lab.config import PREFERENCE_OBJECTIVES
 from qlora_lab.errors import UserError
 from qlora_lab.plan import Plan
 from qlora_lab.sft import guarded
@@ -35,7 +36,7 @@ from qlora_lab.trainer import add_early_stopping
 
 log = logging.getLogger(__name__)
 
-PREFERENCE = ("dpo", "orpo", "kto")
+PREFERENCE = PREFERENCE_OBJECTIVES
 
 
 def trainer_classes(objective: str) -> tuple[type, type]:

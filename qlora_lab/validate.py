@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab.config import CONF_DIR, SCHEMAS, PrepareRunConfig, TrainRunConfig
+from qlora_lab.config import CONF_DIR, PREFERENCE_OBJECTIVES, SCHEMAS, PrepareRunConfig, TrainRunConfig
 from qlora_lab.cpu import allocator
 from qlora_lab.distributed import env_true, zero_stage
 from qlora_lab.errors import ConfigError
@@ -474,7 +474,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 KEEP = ("auto", "best", "last")
-OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+OBJECTIVES = ("sft", *PREFERENCE_OBJECTIVES)
 
 
 def _objective_problems(p: list[str], cfg: DictConfig) -> None:

@@ -43,6 +43,19 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
+def test_orpo_is_refused_with_the_reason():
+    from omegaconf import OmegaConf
+
+    from qlora_lab.bench.app import validate_bench
+    from qlora_lab.config import BenchRunConfig
+    from qlora_lab.errors import ConfigError
+
+    cfg = OmegaConf.merge(OmegaConf.structured(BenchRunConfig), {"bench": {"methods": ["dpo", "orpo"]}})
+    with pytest.raises(ConfigError, match="orpo is not benchmarked .* no tokens") as e:
+        validate_bench(cfg)
+    assert "1 problem(s)" in str(e.value)  # dpo is accepted
+
+
 @pytest.mark.integration
 def test_preference_rows_run_beside_trls_plain_trainer(tmp_path):
     """bench.methods=[dpo,kto]: our objective=... chain and TRL's trainer with its defaults, on the same rows as pairs."""

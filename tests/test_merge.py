@@ -135,6 +135,11 @@ def test_auto_saves_the_better_scored_base_exactly_as_forcing_it_would(qlora_run
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_score_samples_sets_the_rows_each_base_is_scored_on(qlora_run, tmp_path):
+    info = merge(app_cfg("merge", [f"run={qlora_run}", f"out={tmp_path / 'm'}", "score_samples=2"]))
+    assert {r["task_rows"] for r in info["candidates"].values()} == {2}  # the run itself scored 4
+
+
 def test_pick_base_prefers_the_score_then_the_faithful_one():
     def r(score, agree):
         return {"task_score": score, "check": {"top1_agreement": agree}}

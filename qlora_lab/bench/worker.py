@@ -19,17 +19,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from qlora_lab.config import PREFERENCE_OBJECTIVES as PREFERENCE
+
 METHOD_OVERRIDES = {
     "qlora": ["quant=nf4", "adapter=lora"],
     "lora": ["quant=none", "adapter=lora"],
     "full": ["quant=none", "adapter=full"],
     "prefix": ["quant=none", "adapter=prefix"],
     # the preference objectives on the default QLoRA base (TRL's trainers; qlora_lab/objectives.py)
-    "dpo": ["quant=nf4", "adapter=lora", "objective=dpo"],
-    "orpo": ["quant=nf4", "adapter=lora", "objective=orpo"],
-    "kto": ["quant=nf4", "adapter=lora", "objective=kto"],
+    **{name: ["quant=nf4", "adapter=lora", f"objective={name}"] for name in PREFERENCE},
 }
-PREFERENCE = ("dpo", "orpo", "kto")
 # matmul FLOPs per token and matmul parameter: forward 2N + input-gradient 2N for a frozen base (+ weight-gradient 2N
 # for full fine-tuning); DPO and KTO also run the reference model forward (the adapter disabled, no gradient): + 2N
 FLOPS_FACTOR = {"full": 6, "dpo": 6, "kto": 6}
