@@ -56,8 +56,10 @@ class QuantConfig:
     """4-bit only: quantize the quantization constants too (saves ~0.4 bit/parameter)."""
     compute_dtype: str = "auto"
     """dtype the 4-bit matmuls run in: "bfloat16", "float16" or "float32"; "auto" = bfloat16 where supported."""
-    skip_modules: list[str] = field(default_factory=list)
-    """Module names kept in full precision (the LM head is always kept)."""
+    skip_modules: Any = "auto"
+    """Linear layers kept in 16-bit besides the LM head: a list of module names (e.g. [down_proj]; [] = quantize every
+    other linear layer), or "auto" = [down_proj] for a 4-bit model under 1B parameters (its most 4-bit-sensitive
+    layer, for tens of MiB: README "4-bit quality"), none for larger models and int8."""
     quant_storage: Optional[str] = None
     """4-bit storage dtype: null (uint8) for one process or DDP; under FSDP / DeepSpeed ZeRO-3 the model's dtype
     ("bfloat16"), so that the packed 4-bit weights shard with the rest (the validator checks it)."""
@@ -349,6 +351,11 @@ class BenchConfig:
     profile_steps: int = 0
     """Steps profiled with torch.profiler after the measured ones (not in the timings); 0 = none. The results then
     list, per configuration, the ops with the most self time (GPU time on CUDA, CPU time otherwise)."""
+    quality_rows: int = 0
+    """Quality beside speed: after its steps, each configuration's model answers this many held-out demo rows (the
+    demo's own held-out set, zero-shot, greedy) and its loss on their answers is taken, as `qlora-lab train` scores
+    a run: json_match and eval loss columns. 0 = off. The default 6 steps teach nothing; with e.g.
+    `bench.steps=50 bench.quality_rows=48` the columns compare the recipes' results at equal steps (README)."""
     overrides: list[str] = field(default_factory=list)
     """Extra `qlora-lab train` overrides for the qlora_lab recipe: the levers, e.g. ["loss=native"]."""
     variants: dict[str, list[str]] = field(default_factory=dict)

@@ -40,16 +40,25 @@ def count_params(model_config) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     shapes = [(m.in_features, m.out_features) for m in model.modules()
               if isinstance(m, torch.nn.Linear) and m is not head]
-    return {"total": total, "linear": linear, "other": total - linear, "linear_shapes": shapes}
+    by_name: dict[str, int] = {}  # leaf module name (q_proj, down_proj, ...) -> its parameters over all layers
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            leaf = name.rsplit(".", 1)[-1]
+            by_name[leaf] = by_name.get(leaf, 0) + m.weight.numel()
+    return {"total": total, "linear": linear, "other": total - linear, "linear_shapes": shapes,
+            "linear_by_name": by_name}
 
 
 def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, adapter: str = "lora", r: int = 16,
              dropout: float = 0.05, dropout_impl: str = "torch", kernels: str = "none", batch: int = 8,
              seq_len: int = 512, checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0,
-             model_bytes: int = 2, counts: dict[str, Any] | None = None) -> dict[str, Any]:
+             model_bytes: int = 2, counts: dict[str, Any] | None = None,
+             skip_modules: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
-    (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known."""
+    (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known;
+    ``skip_modules``: linear layers left unquantized (the resolved quant.skip_modules)."""
     n = counts or count_params(model_config)
+    unquantized = sum(v for k, v in n.get("linear_by_name", {}).items() if k in skip_modules)
     c = model_config
     h, i = c.hidden_size, c.intermediate_size
     layers, vocab = c.num_hidden_layers, c.vocab_size
@@ -57,9 +66,9 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
         getattr(c, "head_dim", None) or h // c.num_attention_heads)
 
     if quant in ("nf4", "fp4"):
-        weights = n["linear"] * NF4_BYTES[double_quant] + n["other"] * model_bytes
+        weights = (n["linear"] - unquantized) * NF4_BYTES[double_quant] + (n["other"] + unquantized) * model_bytes
     elif quant == "int8":
-        weights = n["linear"] * 1.0 + n["other"] * model_bytes
+        weights = (n["linear"] - unquantized) * 1.0 + (n["other"] + unquantized) * model_bytes
     else:
         weights = n["total"] * model_bytes
 

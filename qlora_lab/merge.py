@@ -164,27 +164,8 @@ def quality(model, tokenizer, held: dict[str, Any], metric: str, run: Run) -> di
     scored = task.task_score(model, tokenizer, held["task_rows"], metric, run.cfg.data.max_new_tokens)
     out = {"task_score": scored["score"], "task_rows": scored["n"]}
     if held["encoded"] is not None:
-        out["eval_loss"] = heldout_loss(model, held["encoded"])
+        out["eval_loss"] = task.heldout_loss(model, held["encoded"])
     return out
-
-
-@torch.no_grad()
-def heldout_loss(model, encoded) -> float:
-    """Mean cross-entropy per scored token (labels != -100) over the encoded held-out rows, one row at a time.
-
-    Per token over the whole set, which is what the Trainer's eval loss is when every batch holds the same number
-    of scored tokens; with uneven rows the two differ slightly, so compare bases with this number, not with the
-    run's eval_loss."""
-    total, count = 0.0, 0
-    for row in encoded:
-        ids = torch.tensor([row["input_ids"]], device=model.device)
-        labels = torch.tensor([row["labels"]], device=model.device)[:, 1:]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        mask = labels != -100
-        if mask.any():
-            total += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
-            count += int(mask.sum())
-    return round(total / max(count, 1), 5)
 
 
 def score_table(results: dict[str, dict[str, Any]], chosen: str, metric: str, run: Run, dtype: str) -> str:

@@ -81,7 +81,8 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
     """The base model (plan's dtypes and quantization), the adapter (fresh, or init_from's), and TRL's trainer of
     the objective around them."""
     trainer_cls, config_cls = trainer_classes(cfg.objective.name)
-    model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype)
+    model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype,
+                               list(plan.skip_modules))
     peft_config = None
     if cfg.init_from:
         from peft import PeftModel

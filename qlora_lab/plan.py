@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from qlora_lab.cpu import allocator
 from qlora_lab.errors import UserError
 from qlora_lab.sftconfig import resolve_keep
 
+log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 
 # Liger Kernel's layer kernels, set through transformers' own switch (TrainingArguments.use_liger_kernel); the fused
@@ -92,6 +94,9 @@ class Plan:
     """quant.compute_dtype: the dtype 4-bit matmuls run in (None without 4-bit quantization)."""
     quant_storage: str | None
     """quant.quant_storage: the 4-bit storage dtype (None: uint8)."""
+    skip_modules: tuple[str, ...]
+    """quant.skip_modules: linear layers kept unquantized besides the LM head ("auto": models.SMALL_MODEL_16BIT for
+    a 4-bit model under 1B parameters, else none); empty without quantization."""
     mixed_precision: str
     """trainer.bf16 / trainer.fp16: "bf16", "fp16" or "no"."""
     attn_implementation: str | None
@@ -131,6 +136,7 @@ class Plan:
         """config key -> its value in this plan (what each ``auto`` became)."""
         return {"model.dtype": self.model_dtype, "model.attn_implementation": self.attn_implementation,
                 "quant.compute_dtype": self.compute_dtype, "quant.quant_storage": self.quant_storage,
+                "quant.skip_modules": list(self.skip_modules),
                 "trainer.bf16": self.mixed_precision == "bf16", "trainer.fp16": self.mixed_precision == "fp16",
                 "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
                 "allocator": self.allocator, "batching": self.batching,
@@ -142,7 +148,8 @@ class Plan:
 
 
 # What sets a run's numbers: a resume that would change one of these trains on with other numerics.
-NUMERIC = ("machine.device", "machine.world_size", "model_dtype", "compute_dtype", "quant_storage", "mixed_precision",
+NUMERIC = ("machine.device", "machine.world_size", "model_dtype", "compute_dtype", "quant_storage", "skip_modules",
+           "mixed_precision",
            "attn_implementation", "loss", "kernels", "dropout_impl")
 
 
@@ -157,6 +164,7 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     compute = _dtype(cfg.quant.compute_dtype, machine) if four_bit else None
     storage = _dtype(cfg.quant.quant_storage, machine) if four_bit and cfg.quant.quant_storage else None
     model_type = getattr(model_config, "model_type", "unknown")
+    skip = _skip_modules(cfg.quant, model_config)
     objective = cfg.objective.name
     if objective == "sft":
         loss = _loss(cfg, model_config, notes)
@@ -167,9 +175,10 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
                      "kernels, fast dropout, length grouping) do not apply")
     every, by, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels, dropout,
-                                                       notes)
+                                                       skip, notes)
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
+        skip_modules=tuple(skip),
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
         batching=cfg.batching if objective == "sft" else "shuffled",
@@ -178,6 +187,19 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
         data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer),
         notes=tuple(notes))
+
+
+def _skip_modules(quant_cfg: DictConfig, model_config) -> list[str]:
+    from qlora_lab.estimate import count_params
+    from qlora_lab.models import resolve_skip_modules
+
+    if quant_cfg.method == "none" or quant_cfg.skip_modules != "auto":
+        return resolve_skip_modules(quant_cfg) if quant_cfg.method != "none" else []
+    try:
+        return resolve_skip_modules(quant_cfg, total_params=count_params(model_config)["total"])
+    except Exception as e:  # noqa: BLE001  -- an architecture whose empty copy cannot be built: no size known
+        log.warning("quant.skip_modules=auto: the model's size is unknown (%s); every linear layer is quantized", e)
+        return []
 
 
 def _round(gib: float | None) -> float | None:
@@ -303,7 +325,7 @@ def _dropout(adapter: DictConfig, machine: Machine) -> str:
 
 
 def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernels: str, dropout: str,
-                   notes: list[str]) -> tuple[int, str, float | None, float | None, float | None]:
+                   skip: list[str], notes: list[str]) -> tuple[int, str, float | None, float | None, float | None]:
     """(every n-th layer checkpointed (0 = none), set by, estimate GiB, estimate without checkpointing GiB, budget):
     with no checkpointing asked for, every n-th decoder layer with the largest n whose estimated step fits
     memory_budget_gb ("auto": 90% of the GPU; none on CPU, where RAM is the limit and speed matters more)."""
@@ -319,7 +341,7 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
     kwargs = dict(quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method,
                   r=cfg.adapter.r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
                   batch=t.per_device_train_batch_size, seq_len=seq_len, loss=loss, loss_tokens=labelled,
-                  model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2)
+                  model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2, skip_modules=tuple(skip))
     counts: dict[str, Any] = {}
 
     def gib(share: float) -> float | None:
@@ -430,6 +452,14 @@ def read(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read ({e}). Fix: restore it, or delete it to rebuild the run with this "
                         "machine's defaults.") from None
+
+
+def recorded_skip_modules(run_dir: Path) -> list[str] | None:
+    """The 16-bit layers a run's 4-bit base kept (plan.json), or None where the plan does not say (older runs: their
+    config's list, resolved by models.build_model)."""
+    recorded = read(run_dir)
+    skip = (recorded or {}).get("skip_modules")
+    return None if skip is None else list(skip)
 
 
 def recorded_dtypes(run_dir: Path, cfg: DictConfig) -> tuple[str, str | None]:

@@ -68,7 +68,8 @@ def load_trained(run: Run):
                                                      device_map=models.device_map())
         return model.eval(), tokenizer
     path = models.resolve_model_path(run.cfg.model.name_or_path)
-    base = models.build_model(run.cfg.model, run.cfg.quant, path, dtype, compute_dtype)
+    base = models.build_model(run.cfg.model, run.cfg.quant, path, dtype, compute_dtype,
+                              plan.recorded_skip_modules(run.dir))
     # The adapter keeps the dtype it was trained and saved in (bf16 on a 4-bit base) instead of being upcast.
     model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=run.cfg.quant.method == "none")
     adapters.fix_bnb_adapter_layers(model)  # IA3's output dtype, DoRA's int8 scales (see adapters.py)

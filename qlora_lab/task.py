@@ -139,3 +139,35 @@ def task_score(model, tokenizer, rows: list[dict[str, Any]], metric: str, max_ne
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "answer": a, "reference": ref, "ok": h}
                 for p, a, ref, h in zip(prompts[:3], answers[:3], refs[:3], hits[:3])]
     return {"score": sum(hits) / max(len(hits), 1), "n": len(hits), "metric": metric, "examples": examples}
+
+
+def encode_chat_rows(tokenizer, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
+    """``rows`` (plain prompt/completion strings) as one-turn chats in the tokenizer's template, labels on the answer
+    only: what training's prompt/completion rows become, for :func:`heldout_loss` outside a run (the bench)."""
+    out = []
+    for r in rows:
+        user = [{"role": "user", "content": r["prompt"]}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": r["completion"]}],
+                                             tokenize=True, return_dict=False)
+        out.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]})
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model, encoded) -> float:
+    """Mean cross-entropy per scored token (labels != -100) over the encoded held-out rows, one row at a time.
+
+    Per token over the whole set, which is what the Trainer's eval loss is when every batch holds the same number
+    of scored tokens; with uneven rows the two differ slightly, so compare bases with this number, not with the
+    run's eval_loss."""
+    total, count = 0.0, 0
+    for row in encoded:
+        ids = torch.tensor([row["input_ids"]], device=model.device)
+        labels = torch.tensor([row["labels"]], device=model.device)[:, 1:]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        mask = labels != -100
+        if mask.any():
+            total += torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+            count += int(mask.sum())
+    return round(total / max(count, 1), 5)

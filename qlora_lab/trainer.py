@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eval_ds, run_dir: Path):
     """The base model (in the plan's dtypes and quantization), the trainer around it, and what needs the wrapped
     model (the plan's dropout, LoftQ, IA3 on a 4-bit base)."""
-    model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype)
+    model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype,
+                               list(plan.skip_modules))
     trainer = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, run_dir)
     adapters.apply_post_init(cfg.adapter, trainer.model, model_path, plan.dropout_impl)
     return trainer

@@ -362,6 +362,10 @@ def validate(cfg: DictConfig) -> None:
     check_choice(p, "quant.compute_dtype", q.compute_dtype, DTYPES)
     if q.quant_storage is not None:
         check_choice(p, "quant.quant_storage", q.quant_storage, DTYPES)
+    skip = q.get("skip_modules", [])
+    if skip != "auto" and not (OmegaConf.is_list(skip) and all(isinstance(x, str) and x for x in skip)):
+        p.append(f"quant.skip_modules={skip!r}: give 'auto' (down_proj in 16-bit for 4-bit models under 1B parameters) "
+                 "or a list of module names, e.g. [down_proj], or [] to quantize every linear layer.")
     _sharding_problems(p, cfg)  # FSDP / DeepSpeed ZeRO-3 (from the launcher's environment or trainer.*)
     _data_parallel_problems(p, cfg)
 

@@ -14,7 +14,8 @@ from tests.test_cli import assert_clean_failure, run_cli
 def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     proc = run_cli("bench", "model=tiny-random", "bench.methods=[qlora]", "bench.seq_lens=[160]",
                    "bench.batch_sizes=[2]", "bench.steps=2", "bench.warmup_steps=1", "bench.profile_steps=1",
-                   f"bench.results_dir={tmp_path}", "bench.name=smoke", f"hydra.run.dir={tmp_path / 'work'}")
+                   "bench.quality_rows=3", f"bench.results_dir={tmp_path}", "bench.name=smoke",
+                   f"hydra.run.dir={tmp_path / 'work'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "smoke.json").read_text())
     assert out["model"] == "builtin:tiny-random" and out["peak_tflops"] > 0
@@ -29,6 +30,9 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
         assert len(r["step_times_s"]) == 3 and r["profile"]
         assert sum(x["share"] for x in r["profile"]) <= 1.0001 and all(x["ms_per_step"] > 0 for x in r["profile"])
         assert any(x["op"] in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear") for x in r["profile"])
+        # quality beside speed: each recipe's trained model scored on the same 3 held-out rows
+        assert r["quality_scored_rows"] == 3 and 0 <= r["quality_json_match"] <= 1
+        assert 0 < r["quality_eval_loss"] < 20  # the tiny random model's real loss (ln(vocab) ~ 10)
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
     assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
@@ -40,6 +44,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     table = (tmp_path / "smoke.md").read_text()
     assert "| qlora | 160 | 2 | qlora_lab |" in table and "tokens/s ratio" in table
     assert table.count("Where the time goes") == 2
+    assert "Quality after the 4 steps" in table and f"| {ours['quality_eval_loss']:.4f} |" in table
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
@@ -137,3 +142,19 @@ def test_evaluations_during_training_are_not_in_the_step_times(monkeypatch):
     m = timer.measure(warmup=1, steps=3)
     assert m["step_times_s"] == [1.0, 1.0, 1.0, 1.0] and m["seconds"] == 3.0 and m["tokens_per_s"] == 100.0
     assert timer.eval_s == 10.0 and timer.eval_losses == [0.5]
+
+
+def test_heldout_rows_are_encoded_as_training_encodes_a_chat_row():
+    """The bench's quality loss is on the answer's tokens only, in the model's chat template."""
+    from transformers import AutoTokenizer
+
+    from qlora_lab import models, task
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path("builtin:tiny-random"))
+    rows = task.demo_rows(2, "eval")
+    for row, enc in zip(rows, task.encode_chat_rows(tokenizer, rows)):
+        answer = [t for t in enc["labels"] if t != -100]
+        assert len(enc["labels"]) == len(enc["input_ids"]) and enc["labels"][0] == -100
+        assert enc["input_ids"][-len(answer):] == answer
+        assert tokenizer.decode(answer).startswith(row["completion"])
+        assert row["prompt"] in tokenizer.decode(enc["input_ids"][:-len(answer)])

@@ -173,6 +173,13 @@ def test_validator_reports_every_problem_at_once():
     assert len(e.value.problems) == 6
 
 
+@pytest.mark.parametrize("value", ["down_proj", "[1]", "['']"])
+def test_skip_modules_takes_auto_or_a_list_of_names(value):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_train(["model=tiny-random", f"quant.skip_modules={value}"]))
+    assert len(e.value.problems) == 1 and "give 'auto'" in e.value.problems[0] and "[down_proj]" in e.value.problems[0]
+
+
 @pytest.mark.parametrize("override, needle", [
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("quant=nf5", "nf5"),

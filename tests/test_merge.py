@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from qlora_lab import chat as chat_mod
+from qlora_lab import task
 from qlora_lab.config import CONF_DIR
 from qlora_lab.errors import UserError
 from qlora_lab.merge import merge, pick_base
@@ -119,7 +120,7 @@ def test_auto_saves_the_better_scored_base_exactly_as_forcing_it_would(qlora_run
     by_loss = {}
 
     def fake_quality(model, tokenizer, held, metric, run):
-        loss = merge_mod.heldout_loss(model, held["encoded"])
+        loss = task.heldout_loss(model, held["encoded"])
         base = built[-1]
         by_loss[base] = loss
         return {"task_score": scores[base], "task_rows": 4, "eval_loss": loss}

@@ -243,15 +243,59 @@ def test_selective_loss_falls_back_where_positions_do_not_line_up(tmp_path, capt
     assert captured["trainer"].loss_impl == "native"
 
 
-def test_quant_skip_modules_stay_in_full_precision(tmp_path, captured):
+@pytest.mark.parametrize("skip", ["auto", "[down_proj]", "[]"])
+def test_quant_skip_modules_stay_in_16_bit_and_the_run_rebuilds_the_same_base(tmp_path, captured, skip):
+    """auto (the default) on a model under 1B parameters = [down_proj] in 16-bit; [] = every linear layer in 4-bit.
+    The plan records it, and what merge/chat rebuild from the run has the same layers in 4-bit."""
     import bitsandbytes as bnb
 
-    train_mod.train(compose_train([*TINY, "quant.skip_modules=[down_proj]", "trainer.max_steps=1", "score_before=false",
-                                   "data.task_eval_samples=0", "trainer.save_strategy=no"], tmp_path))
-    down = [m for n, m in captured["trainer"].model.named_modules() if n.endswith("down_proj.base_layer")]
-    up = [m for n, m in captured["trainer"].model.named_modules() if n.endswith("up_proj.base_layer")]
-    assert down and not any(isinstance(m, bnb.nn.Linear4bit) for m in down)
-    assert up and all(isinstance(m, bnb.nn.Linear4bit) for m in up)
+    from qlora_lab.runs import load_run, load_trained
+
+    run_dir = tmp_path / "run"
+    train_mod.train(compose_train([*TINY, f"quant.skip_modules={skip}", "trainer.max_steps=1", "score_before=false",
+                                   "data.task_eval_samples=0", "trainer.save_strategy=no"], run_dir))
+    expected = [] if skip == "[]" else ["down_proj"]
+    assert json.loads((run_dir / "plan.json").read_text())["resolved"]["quant.skip_modules"] == expected
+
+    def four_bit(model) -> dict[str, bool]:
+        return {n.split(".")[-2]: isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules()
+                if n.endswith(("down_proj.base_layer", "up_proj.base_layer", "q_proj.base_layer"))}
+
+    trained = four_bit(captured["trainer"].model)
+    assert trained == {"down_proj": not expected, "up_proj": True, "q_proj": True}
+    assert four_bit(load_trained(load_run(str(run_dir)))[0]) == trained
+
+
+def test_skip_modules_auto_keeps_down_proj_only_for_small_4_bit_models():
+    from omegaconf import OmegaConf
+
+    from qlora_lab.models import SMALL_MODEL_PARAMS, resolve_skip_modules
+
+    def q(**kw):
+        return OmegaConf.create({"method": "nf4", "skip_modules": "auto", **kw})
+
+    assert resolve_skip_modules(q(), total_params=135_000_000) == ["down_proj"]
+    assert resolve_skip_modules(q(method="fp4"), total_params=SMALL_MODEL_PARAMS - 1) == ["down_proj"]
+    assert resolve_skip_modules(q(), total_params=SMALL_MODEL_PARAMS) == []  # 1B and up: every layer in 4-bit
+    assert resolve_skip_modules(q(method="int8"), total_params=135_000_000) == []
+    assert resolve_skip_modules(q(skip_modules=[]), total_params=135_000_000) == []
+    assert resolve_skip_modules(q(skip_modules=["o_proj"]), total_params=8_000_000_000) == ["o_proj"]
+
+
+def test_the_plan_keeps_an_8b_model_all_4_bit_and_its_estimate_counts_16_bit_layers():
+    """The shipped 8B architecture (config only) resolves auto to nothing; a 16-bit down_proj costs what it should."""
+    from qlora_lab import estimate, models, plan
+
+    cfg = compose_train(["model=llama-3.1-8b-arch"])
+    model_config = models.arch_config("llama-3.1-8b-arch")  # the config only: no 8B of random weights built
+    machine = plan.Machine(device="cpu", accelerator="cpu", bf16=True, world_size=1)
+    assert plan.make(cfg, machine, model_config).skip_modules == ()
+    counts = estimate.count_params(model_config)
+    down = counts["linear_by_name"]["down_proj"]
+    assert down == 32 * 4096 * 14336
+    all4 = estimate.estimate(model_config, counts=counts)["weights_bytes"]
+    kept = estimate.estimate(model_config, counts=counts, skip_modules=("down_proj",))["weights_bytes"]
+    assert kept - all4 == pytest.approx(down * (2 - estimate.NF4_BYTES[True]), abs=2)
 
 
 def test_memory_budget_checkpoints_every_nth_layer_and_trains_the_same_adapter(tmp_path, captured):

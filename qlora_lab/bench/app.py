@@ -65,6 +65,8 @@ def validate_bench(cfg: DictConfig) -> None:
     for name in b.variants:
         if not str(name).replace("_", "").replace("-", "").isalnum():
             p.append(f"bench.variants: name {name!r} must be letters, digits, '-' or '_'.")
+    if b.quality_rows < 0:
+        p.append(f"bench.quality_rows={b.quality_rows}: give the number of held-out rows to score, or 0 for none.")
     if b.steps < 1 or b.warmup_steps < 0 or b.profile_steps < 0:
         p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}, bench.profile_steps={b.profile_steps}: "
                  "need steps >= 1, warmup_steps >= 0 and profile_steps >= 0.")
@@ -187,6 +189,7 @@ def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) 
     spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
             "rows_path": str(work / f"{'pairs' if row['method'] in PREFERENCE else 'rows'}-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
             "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides,
+            "quality_rows": b.quality_rows,
             "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -281,6 +284,15 @@ def markdown(out: dict[str, Any]) -> str:
                      f"{est} | {100 * r['mfu']:.1f}% | "
                      f"{r['trainable_params']:,} | {r['loss_impl']} | {_share(r['checkpointing'])} | "
                      f"{r.get('kernels', 'none')} | {r.get('allocator', 'system')} | {_first_loss(r)} |")
+    scored = [r for r in out["results"] if r["status"] == "completed" and "quality_json_match" in r]
+    if scored:
+        total = out["bench"]["warmup_steps"] + out["bench"]["steps"] + out["bench"]["profile_steps"]
+        lines += ["", f"Quality after the {total} steps (warm-up included): the demo's first "
+                  f"{scored[0]['quality_scored_rows']} held-out rows, zero-shot: greedy json_match, and the loss on "
+                  "their answers' tokens (scoring is not in the time or peak memory):", "",
+                  "| method | seq | batch | recipe | eval loss | json_match | tok/s | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['seq_len']} | {r['batch']} | {r['recipe']} | {r['quality_eval_loss']:.4f} | "
+                  f"{r['quality_json_match']:.3f} | {r['tokens_per_s']:,.1f} | {_peak_mb(r):,.0f} |" for r in scored]
     evaluated = [r for r in out["results"] if r["status"] == "completed" and r.get("evaluations")]
     if evaluated:
         lines += ["", "Evaluations during training (their time is not in tok/s or step s; peak memory includes them):",

@@ -220,9 +220,29 @@ def run(spec: dict) -> dict[str, Any]:
     if torch.cuda.is_available():
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-    result["peak_rss_mb"] = _rss_mb("VmHWM")
+    result["peak_rss_mb"] = _rss_mb("VmHWM")  # training's peak: scoring below is not in it
+    if spec.get("quality_rows"):
+        result.update(quality(trainer, spec["quality_rows"]))
     result["status"] = "completed"
     return result
+
+
+def quality(trainer, n: int) -> dict[str, Any]:
+    """The trained model's json_match and eval loss on the demo's first ``n`` held-out rows (the rows `qlora-lab
+    train` scores the demo on), whatever the recipe: the same rows, greedy answers, completion-token loss."""
+    from qlora_lab import task
+
+    rows = task.demo_rows(n, "eval")
+    tokenizer = trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps it
+    model = trainer.model
+    model.eval()
+    started = time.perf_counter()
+    loss = task.heldout_loss(model, task.encode_chat_rows(tokenizer, rows))
+    prompts = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": r["completion"]} for r in rows]
+    scored = task.task_score(model, tokenizer, prompts, "json_match", max_new_tokens=40)
+    return {"quality_scored_rows": scored["n"], "quality_eval_loss": loss, "quality_json_match": round(scored["score"], 4),
+            "quality_s": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
