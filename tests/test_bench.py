@@ -35,6 +35,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
         assert 0 < r["quality_eval_loss"] < 20  # the tiny random model's real loss (ln(vocab) ~ 10)
     ours, plain = out["results"]
     assert ours["loss_impl"] == "selective" and not ours["checkpointing"]
+    assert ours["skip_modules"] == ["down_proj"] and "skip_modules" not in plain  # our default on a <1B model
     assert plain["loss_impl"] == "fused" and plain["checkpointing"] == 1.0  # SFTConfig's defaults
     from qlora_lab.cpu import allocator  # each worker ran with its recipe's allocator: ours as `qlora-lab train` would
 
@@ -44,6 +45,7 @@ def test_smoke_matrix_writes_results_with_both_recipes(tmp_path):
     table = (tmp_path / "smoke.md").read_text()
     assert "| qlora | 160 | 2 | qlora_lab |" in table and "tokens/s ratio" in table
     assert table.count("Where the time goes") == 2
+    assert "keep down_proj in 16-bit" in table
     assert "Quality after the 4 steps" in table and f"| {ours['quality_eval_loss']:.4f} |" in table
     assert (tmp_path / "smoke.png").stat().st_size > 0
 

@@ -222,7 +222,8 @@ def _add_derived(row: dict[str, Any], cfg: DictConfig, model_path: str, peak: fl
     est = estimate.estimate(AutoConfig.from_pretrained(model_path), quant=quant, adapter=adapter,
                             batch=row["batch"], seq_len=row["seq_len"], checkpointing=row["checkpointing"],
                             loss=row["loss_impl"], loss_tokens=labelled,
-                            dropout_impl=row.get("dropout_impl", "torch"), kernels=row.get("kernels", "none"))
+                            dropout_impl=row.get("dropout_impl", "torch"), kernels=row.get("kernels", "none"),
+                            skip_modules=tuple(row.get("skip_modules", ())))
     row["estimated_mb"] = round(est["total_bytes"] / 2**20, 1)
     # what the estimate covers: the device's training memory (CUDA allocated; CPU: RSS above the imports)
     measured = row.get("cuda_max_allocated_mb") or row["peak_rss_mb"] - row["rss_after_imports_mb"]
@@ -264,6 +265,10 @@ def markdown(out: dict[str, Any]) -> str:
              "seq_len/4 to seq_len tokens; each configuration in a fresh process.", ""]
     if out["bench"]["overrides"]:
         lines += [f"qlora_lab overrides: `{' '.join(out['bench']['overrides'])}`", ""]
+    kept = sorted({m for r in out["results"] for m in r.get("skip_modules") or ()})
+    if kept:
+        lines += [f"qlora_lab's 4-bit rows keep {', '.join(kept)} in 16-bit (quant.skip_modules: auto keeps down_proj "
+                  "for models under 1B parameters); the plain recipe quantizes every linear layer.", ""]
     for name, overrides in out["bench"]["variants"].items():
         lines.append(f"- `qlora_lab:{name}` = qlora_lab with `{' '.join(overrides)}`" if overrides else
                      f"- `qlora_lab:{name}` = qlora_lab again (no override: the run-to-run noise)")

@@ -165,7 +165,8 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer, {"loss_impl": the_plan.loss, "checkpointing": _checkpointed_share(trainer),
-                     "kernels": the_plan.kernels, "dropout_impl": the_plan.dropout_impl}
+                     "kernels": the_plan.kernels, "dropout_impl": the_plan.dropout_impl,
+                     "skip_modules": list(the_plan.skip_modules)}
 
 
 def _checkpointed_share(trainer) -> float:
