@@ -19,12 +19,15 @@ log = logging.getLogger(__name__)
 ADAPTER_PARAM_KEYS = ("lora_", "ia3_", "prompt_encoder", "modules_to_save")
 
 
-def build_peft_config(cfg: DictConfig, tokenizer_path: str | None = None):
+def build_peft_config(cfg: DictConfig, tokenizer_path: str | None = None, rank: tuple[int, float] | None = None):
     """The peft config for ``cfg`` (the ``adapter`` group), or None for method=full. SFTTrainer applies it.
 
-    ``tokenizer_path``: where peft loads the tokenizer to embed ``prompt_init_text`` (prompt tuning)."""
+    ``tokenizer_path``: where peft loads the tokenizer to embed ``prompt_init_text`` (prompt tuning); ``rank``: the
+    plan's (r, alpha) (None: the config's, "auto" taken for a model of unknown size: models.resolve_rank)."""
     import peft
     from peft import TaskType
+
+    from qlora_lab.models import resolve_rank
 
     task = TaskType.CAUSAL_LM
     save = list(cfg.modules_to_save) or None
@@ -33,8 +36,9 @@ def build_peft_config(cfg: DictConfig, tokenizer_path: str | None = None):
         return None
     if cfg.method == "lora":
         init = cfg.init
+        r, alpha = rank or resolve_rank(cfg)
         return peft.LoraConfig(
-            task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            task_type=task, r=r, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=targets,
             bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, modules_to_save=save,
             # LoftQ is applied after quantized loading (see apply_post_init); peft's own init="loftq" path needs an
             # unquantized model and overwrites its base weights.

@@ -239,7 +239,7 @@ def age(seconds: float) -> str:
 
 def run_row(r: RunFiles, now: float) -> dict[str, str]:
     c, m = r.config, r.metrics
-    adapter = str(c.get("adapter.method", "?")) + (f" r={c['adapter.r']}" if c.get("adapter.method") not in
+    adapter = str(c.get("adapter.method", "?")) + (f" r={m.get('lora_r') or c.get('adapter.r')}" if c.get("adapter.method") not in
                                                    ("full", "prefix", "prompt", "ptuning", "ia3") else "")
     steps = m.get("global_step")
     max_steps = c.get("trainer.max_steps")

@@ -234,7 +234,8 @@ def model_card(run: Run, info: dict) -> str:
         "---", "library_name: transformers", "tags: [qlora-lab, merged, " + run.method + "]", "---", "",
         f"# Merged model from qlora-lab run `{run.dir.name}`", "",
         f"- base model: `{run.cfg.model.name_or_path}`",
-        f"- adapter: `{run.method}` (r={run.cfg.adapter.r}, alpha={run.cfg.adapter.alpha}) trained on a "
+        f"- adapter: `{run.method}` (r={m.get('lora_r') or run.cfg.adapter.r}, "
+        f"alpha={m.get('lora_alpha') or run.cfg.adapter.alpha}) trained on a "
         f"`{run.cfg.quant.method}` base",
         f"- data: `{run.cfg.data.source}`" + (f" (`{run.cfg.data.path}`)" if run.cfg.data.path else ""),
         f"- merge: base=`{info['merge_base']}`, merged in float32, saved as {info['dtype']}",

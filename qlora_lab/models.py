@@ -240,6 +240,20 @@ def build_tokenizer(model_cfg: DictConfig, path: str):
 # are on 7B-65B models), so larger models stay all-4-bit. Not for int8: LLM.int8's error is small already.
 SMALL_MODEL_PARAMS = 1_000_000_000
 SMALL_MODEL_16BIT = ("down_proj",)
+# adapter.r=auto: the LoRA rank under and above SMALL_MODEL_PARAMS. At 135M, r=64 (19.5 M trainable parameters,
+# +13 MiB peak RSS) beat r=16 on the demo on both bases: 4-bit 0.0563 -> 0.0393 eval loss, 16-bit 0.0358 -> 0.0307.
+# For an 8B model r=64 would cost ~1.4 GiB more (adapter weights, gradients, Adam states), so larger models keep 16.
+SMALL_MODEL_RANK, RANK = 64, 16
+
+
+def resolve_rank(adapter_cfg: DictConfig, total_params: int | None = None) -> tuple[int, float]:
+    """(adapter.r, adapter.alpha) as numbers: "auto" rank by the model's size (``total_params``; None: unknown, the
+    large-model rank), "auto" alpha = 2 x rank."""
+    r = adapter_cfg.get("r", "auto")
+    if r == "auto":
+        r = SMALL_MODEL_RANK if total_params is not None and total_params < SMALL_MODEL_PARAMS else RANK
+    alpha = adapter_cfg.get("alpha", "auto")
+    return int(r), 2 * int(r) if alpha == "auto" else alpha
 
 
 def resolve_skip_modules(quant_cfg: DictConfig, model_config=None, total_params: int | None = None) -> list[str]:

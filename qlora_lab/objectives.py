@@ -91,7 +91,8 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
         log.info("Continuing the adapter of %s", adapter_dir)
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     else:
-        peft_config = adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path)
+        peft_config = adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path,
+                                                   rank=(plan.lora_r, plan.lora_alpha))
     args = build_sft_config(cfg.trainer, run_dir / "checkpoints", cuda=plan.machine.device == "cuda",
                             mixed_precision=plan.mixed_precision, config_class=config_cls,
                             extra={**overfitting_fields(plan.keep, cfg.early_stopping, cfg.trainer),

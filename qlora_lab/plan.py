@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from qlora_lab.cpu import allocator
 from qlora_lab.errors import UserError
+from qlora_lab.models import resolve_rank, resolve_skip_modules
 from qlora_lab.sftconfig import resolve_keep
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ class Plan:
     skip_modules: tuple[str, ...]
     """quant.skip_modules: linear layers kept unquantized besides the LM head ("auto": models.SMALL_MODEL_16BIT for
     a 4-bit model under 1B parameters, else none); empty without quantization."""
+    lora_r: int | None
+    """adapter.r: the LoRA rank ("auto": models.SMALL_MODEL_RANK under 1B parameters, else models.RANK); None for
+    adapters without a rank."""
+    lora_alpha: float | None
+    """adapter.alpha ("auto": 2 x lora_r); None for adapters without a rank."""
     mixed_precision: str
     """trainer.bf16 / trainer.fp16: "bf16", "fp16" or "no"."""
     attn_implementation: str | None
@@ -136,7 +142,8 @@ class Plan:
         """config key -> its value in this plan (what each ``auto`` became)."""
         return {"model.dtype": self.model_dtype, "model.attn_implementation": self.attn_implementation,
                 "quant.compute_dtype": self.compute_dtype, "quant.quant_storage": self.quant_storage,
-                "quant.skip_modules": list(self.skip_modules),
+                "quant.skip_modules": list(self.skip_modules), "adapter.r": self.lora_r,
+                "adapter.alpha": self.lora_alpha,
                 "trainer.bf16": self.mixed_precision == "bf16", "trainer.fp16": self.mixed_precision == "fp16",
                 "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
                 "allocator": self.allocator, "batching": self.batching,
@@ -149,6 +156,7 @@ class Plan:
 
 # What sets a run's numbers: a resume that would change one of these trains on with other numerics.
 NUMERIC = ("machine.device", "machine.world_size", "model_dtype", "compute_dtype", "quant_storage", "skip_modules",
+           "lora_r", "lora_alpha",
            "mixed_precision",
            "attn_implementation", "loss", "kernels", "dropout_impl")
 
@@ -164,7 +172,10 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     compute = _dtype(cfg.quant.compute_dtype, machine) if four_bit else None
     storage = _dtype(cfg.quant.quant_storage, machine) if four_bit and cfg.quant.quant_storage else None
     model_type = getattr(model_config, "model_type", "unknown")
-    skip = _skip_modules(cfg.quant, model_config)
+    counts = _counts(model_config)
+    total = counts["total"] if counts else None
+    skip = _skip_modules(cfg.quant, total)
+    r, alpha = resolve_rank(cfg.adapter, total) if cfg.adapter.method == "lora" else (None, None)
     objective = cfg.objective.name
     if objective == "sft":
         loss = _loss(cfg, model_config, notes)
@@ -175,10 +186,10 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
                      "kernels, fast dropout, length grouping) do not apply")
     every, by, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels, dropout,
-                                                       skip, notes)
+                                                       skip, r or 0, counts, notes)
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
-        skip_modules=tuple(skip),
+        skip_modules=tuple(skip), lora_r=r, lora_alpha=alpha,
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
         batching=cfg.batching if objective == "sft" else "shuffled",
@@ -189,17 +200,24 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         notes=tuple(notes))
 
 
-def _skip_modules(quant_cfg: DictConfig, model_config) -> list[str]:
+def _counts(model_config) -> dict[str, Any] | None:
+    """estimate.count_params of the model, or None for an architecture whose empty copy cannot be built (its size
+    is then unknown: the size rules take their large-model side, and there is no memory estimate)."""
     from qlora_lab.estimate import count_params
-    from qlora_lab.models import resolve_skip_modules
 
-    if quant_cfg.method == "none" or quant_cfg.skip_modules != "auto":
-        return resolve_skip_modules(quant_cfg) if quant_cfg.method != "none" else []
     try:
-        return resolve_skip_modules(quant_cfg, total_params=count_params(model_config)["total"])
-    except Exception as e:  # noqa: BLE001  -- an architecture whose empty copy cannot be built: no size known
-        log.warning("quant.skip_modules=auto: the model's size is unknown (%s); every linear layer is quantized", e)
+        return count_params(model_config)
+    except Exception as e:  # noqa: BLE001  -- an estimate or a size rule never stops a run
+        log.warning("the model's size is unknown (%s): quant.skip_modules=auto and adapter.r=auto take their "
+                    "large-model values, and there is no memory estimate", e)
+        return None
+
+
+def _skip_modules(quant_cfg: DictConfig, total: int | None) -> list[str]:
+    if quant_cfg.method == "none":
         return []
+    return resolve_skip_modules(quant_cfg, total_params=total) if total is not None else \
+        [] if quant_cfg.skip_modules == "auto" else resolve_skip_modules(quant_cfg)
 
 
 def _round(gib: float | None) -> float | None:
@@ -325,7 +343,8 @@ def _dropout(adapter: DictConfig, machine: Machine) -> str:
 
 
 def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernels: str, dropout: str,
-                   skip: list[str], notes: list[str]) -> tuple[int, str, float | None, float | None, float | None]:
+                   skip: list[str], r: int, counts: dict[str, Any] | None,
+                   notes: list[str]) -> tuple[int, str, float | None, float | None, float | None]:
     """(every n-th layer checkpointed (0 = none), set by, estimate GiB, estimate without checkpointing GiB, budget):
     with no checkpointing asked for, every n-th decoder layer with the largest n whose estimated step fits
     memory_budget_gb ("auto": 90% of the GPU; none on CPU, where RAM is the limit and speed matters more)."""
@@ -339,17 +358,17 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
     budget = None if budget is None else float(budget)
     seq_len, labelled = shape or (t.max_length or 1024, 1.0)
     kwargs = dict(quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method,
-                  r=cfg.adapter.r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
+                  r=r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
                   batch=t.per_device_train_batch_size, seq_len=seq_len, loss=loss, loss_tokens=labelled,
                   model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2, skip_modules=tuple(skip))
-    counts: dict[str, Any] = {}
 
     def gib(share: float) -> float | None:
         """The estimate in GiB with ``share`` of the layers checkpointed; None where it cannot be computed (an
         estimate never stops a run: e.g. an architecture without the Llama-style sizes it reads)."""
+        if counts is None:
+            return None
         try:
-            counts.setdefault("n", estimate.count_params(model_config))
-            est = estimate.estimate(model_config, **kwargs, checkpointing=share, counts=counts["n"])
+            est = estimate.estimate(model_config, **kwargs, checkpointing=share, counts=counts)
         except Exception:  # noqa: BLE001
             return None
         return est["total_bytes"] / 2**30

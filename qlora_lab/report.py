@@ -53,7 +53,8 @@ def run_report(cfg, m: dict[str, Any]) -> str:
         f"- objective: `{m.get('objective', 'sft')}`" + (f" (continuing `{m['init_from']}`)" if m.get("init_from")
                                                         else ""),
         f"- model: `{cfg.model.name_or_path}` · quant: `{cfg.quant.method}` · adapter: `{cfg.adapter.method}` "
-        f"(r={cfg.adapter.r}, alpha={cfg.adapter.alpha}) · data: `{cfg.data.source}`"
+        f"(r={m.get('lora_r') or cfg.adapter.r}, alpha={m.get('lora_alpha') or cfg.adapter.alpha}) · data: "
+        f"`{cfg.data.source}`"
         + (f" (`{cfg.data.path}`)" if cfg.data.path else ""),
         (f"- trainable parameters: {m['trainable_params']:,} of {m['total_params']:,} "
          f"({100 * m['trainable_params'] / m['total_params']:.2f}%)"),

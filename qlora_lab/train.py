@@ -201,6 +201,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         estimated_mem_mb=round(the_plan.estimated_gb * 1024, 1) if the_plan.estimated_gb is not None else None,
         trainable_params=trainable,
         total_params=total,
+        lora_r=the_plan.lora_r, lora_alpha=the_plan.lora_alpha,  # adapter.r / alpha as trained (auto resolved)
         train_rows=prepared.stats.get("train_rows"),  # absent when streamed
         eval_rows=len(eval_ds),
         data_from_cache=prepared.from_cache,

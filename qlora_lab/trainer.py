@@ -80,7 +80,8 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
-            peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path),
+            peft_config=adapters.build_peft_config(cfg.adapter, tokenizer_path=model.name_or_path,
+                                                   rank=(plan.lora_r, plan.lora_alpha)),
         )
     trainer.kernels = kernel_impl
     add_early_stopping(trainer, cfg.early_stopping)

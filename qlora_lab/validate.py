@@ -373,10 +373,12 @@ def validate(cfg: DictConfig) -> None:
     check_choice(p, "adapter.method", a.method, ADAPTER_METHODS)
     quantized = q.method != "none"
     if a.method == "lora":
-        if a.r < 1:
-            p.append(f"adapter.r={a.r}: the rank must be >= 1 (typical: 8-64).")
-        if a.alpha <= 0:
-            p.append(f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x adapter.r).")
+        if a.r != "auto" and not (isinstance(a.r, int) and not isinstance(a.r, bool) and a.r >= 1):
+            p.append(f"adapter.r={a.r}: the rank must be an integer >= 1 (typical: 8-64), or auto (64 for models "
+                     "under 1B parameters, 16 above).")
+        if a.alpha != "auto" and not (isinstance(a.alpha, (int, float)) and not isinstance(a.alpha, bool)
+                                      and a.alpha > 0):
+            p.append(f"adapter.alpha={a.alpha}: must be a number > 0 (typical: 2 x adapter.r), or auto (2 x r).")
         if not 0.0 <= a.dropout < 1.0:
             p.append(f"adapter.dropout={a.dropout}: must be in [0, 1).")
         check_choice(p, "adapter.dropout_impl", a.dropout_impl, ("auto", "torch", "fast", "recompute"))

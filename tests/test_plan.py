@@ -175,4 +175,4 @@ def test_every_schema_field_has_its_doc_where_ides_and_help_see_it():
     assert not missing, missing
     assert field_help(TrainerConfig, "learning_rate")  # TRL's own help for the trainer group
     from qlora_lab.config import AdapterConfig
-    assert field_help(AdapterConfig, "r") == "LoRA rank."
+    assert field_help(AdapterConfig, "r").startswith("LoRA rank: a number, or \"auto\" = 64 for models under 1B")

@@ -104,12 +104,13 @@ def test_a_completed_run_is_not_trained_again_and_a_resume_keeps_its_settings(tm
     run = [*TINY, "trainer.max_steps=2", "trainer.save_steps=1", "score_before=false", "data.task_eval_samples=0"]
     train_mod.train(compose_train(run, tmp_path))
     first = OmegaConf.load(tmp_path / "config.yaml")  # the config it trained with, resolved
-    assert first.adapter.r == 16 and first.output_dir == str(tmp_path)
+    assert first.adapter.r == "auto" and first.output_dir == str(tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["resolved"]["adapter.r"] == 64  # tiny model: under 1B
     written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     with pytest.raises(UserError, match="holds a completed run .2 steps"):  # the same command again
         train_mod.train(compose_train(run, tmp_path))
-    with pytest.raises(UserError, match=r"adapter.r: 16 at the start, 8 now(.|\n)*Fix: rerun with the settings in"):
+    with pytest.raises(UserError, match=r"adapter.r: 'auto' at the start, 8 now(.|\n)*Fix: rerun with the settings in"):
         train_mod.train(compose_train([*run, "trainer.max_steps=3", "adapter.r=8"], tmp_path))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == written  # nothing touched
 
@@ -282,6 +283,22 @@ def test_skip_modules_auto_keeps_down_proj_only_for_small_4_bit_models():
     assert resolve_skip_modules(q(skip_modules=["o_proj"]), total_params=8_000_000_000) == ["o_proj"]
 
 
+def test_rank_auto_is_64_under_1b_parameters_and_alpha_auto_twice_the_rank():
+    from omegaconf import OmegaConf
+
+    from qlora_lab.models import SMALL_MODEL_PARAMS, resolve_rank
+
+    def a(**kw):
+        return OmegaConf.create({"r": "auto", "alpha": "auto", **kw})
+
+    assert resolve_rank(a(), 135_000_000) == (64, 128)
+    assert resolve_rank(a(), SMALL_MODEL_PARAMS) == (16, 32)
+    assert resolve_rank(a(), None) == (16, 32)  # size unknown: the large-model rank
+    assert resolve_rank(a(r=8), 135_000_000) == (8, 16)
+    assert resolve_rank(a(r=8, alpha=4), 135_000_000) == (8, 4)
+    assert resolve_rank(a(alpha=16), 135_000_000) == (64, 16)
+
+
 def test_the_plan_keeps_an_8b_model_all_4_bit_and_its_estimate_counts_16_bit_layers():
     """The shipped 8B architecture (config only) resolves auto to nothing; a 16-bit down_proj costs what it should."""
     from qlora_lab import estimate, models, plan
@@ -289,7 +306,8 @@ def test_the_plan_keeps_an_8b_model_all_4_bit_and_its_estimate_counts_16_bit_lay
     cfg = compose_train(["model=llama-3.1-8b-arch"])
     model_config = models.arch_config("llama-3.1-8b-arch")  # the config only: no 8B of random weights built
     machine = plan.Machine(device="cpu", accelerator="cpu", bf16=True, world_size=1)
-    assert plan.make(cfg, machine, model_config).skip_modules == ()
+    the_plan = plan.make(cfg, machine, model_config)
+    assert the_plan.skip_modules == () and (the_plan.lora_r, the_plan.lora_alpha) == (16, 32)
     counts = estimate.count_params(model_config)
     down = counts["linear_by_name"]["down_proj"]
     assert down == 32 * 4096 * 14336

@@ -21,13 +21,18 @@ from transformers import TrainerCallback
 
 from qlora_lab.config import PREFERENCE_OBJECTIVES as PREFERENCE
 
+# The plain recipe's adapter and quantization (plain_recipe.py: LoRA r=16, alpha=32, every linear layer in 4-bit):
+# both recipes then train the same model, so the rows compare implementations. Our size rules (adapter.r=auto,
+# quant.skip_modules=auto: r=64 and down_proj in 16-bit under 1B parameters) are measured with bench.overrides.
+SAME_AS_PLAIN = ["adapter.r=16", "adapter.alpha=32"]
+SAME_4BIT = ["quant=nf4", "quant.skip_modules=[]"]
 METHOD_OVERRIDES = {
-    "qlora": ["quant=nf4", "adapter=lora"],
-    "lora": ["quant=none", "adapter=lora"],
+    "qlora": [*SAME_4BIT, "adapter=lora", *SAME_AS_PLAIN],
+    "lora": ["quant=none", "adapter=lora", *SAME_AS_PLAIN],
     "full": ["quant=none", "adapter=full"],
     "prefix": ["quant=none", "adapter=prefix"],
     # the preference objectives on the default QLoRA base (TRL's trainers; qlora_lab/objectives.py)
-    **{name: ["quant=nf4", "adapter=lora", f"objective={name}"] for name in PREFERENCE},
+    **{name: [*SAME_4BIT, "adapter=lora", *SAME_AS_PLAIN, f"objective={name}"] for name in PREFERENCE},
 }
 # matmul FLOPs per token and matmul parameter: forward 2N + input-gradient 2N for a frozen base (+ weight-gradient 2N
 # for full fine-tuning); DPO and KTO also run the reference model forward (the adapter disabled, no gradient): + 2N
