@@ -431,6 +431,8 @@ def describe(plan: Plan) -> str:
             ("dtypes", f"weights {plan.model_dtype}, 4-bit compute {plan.compute_dtype or '-'}, "
                        f"mixed precision {plan.mixed_precision}"),
             ("attention", str(plan.attn_implementation or "transformers' default")),
+            ("LoRA rank / not quantized", f"{f'r={plan.lora_r}, alpha={plan.lora_alpha:g}' if plan.lora_r else '-'} "
+                                         f"/ {', '.join(plan.skip_modules) or '-'}"),
             ("loss / kernels / dropout", f"{plan.loss} / {plan.kernels} / {plan.dropout_impl}"),
             ("batching / allocator", f"{plan.batching} / {plan.allocator}"),
             ("checkpointing", f"{check} (by {plan.checkpointing_by}); step estimate {est}"),
