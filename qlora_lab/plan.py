@@ -176,6 +176,8 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     total = counts["total"] if counts else None
     skip = _skip_modules(cfg.quant, total)
     r, alpha = resolve_rank(cfg.adapter, total) if cfg.adapter.method == "lora" else (None, None)
+    if cfg.get("init_from"):  # a preference run continues a trained adapter: its rank, not the config's
+        r, alpha = _continued_rank(Path(cfg.init_from) / "adapter" / "adapter_config.json", r, alpha)
     objective = cfg.objective.name
     if objective == "sft":
         loss = _loss(cfg, model_config, notes)
@@ -211,6 +213,14 @@ def _counts(model_config) -> dict[str, Any] | None:
         log.warning("the model's size is unknown (%s): quant.skip_modules=auto and adapter.r=auto take their "
                     "large-model values, and there is no memory estimate", e)
         return None
+
+
+def _continued_rank(path: Path, r, alpha) -> tuple[int | None, float | None]:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return r, alpha  # objectives.py reports a missing or unreadable adapter when it loads it
+    return saved.get("r"), saved.get("lora_alpha")
 
 
 def _skip_modules(quant_cfg: DictConfig, total: int | None) -> list[str]:

@@ -123,10 +123,11 @@ def test_dpo_init_from_continues_the_sft_runs_adapter(tmp_path, captured):
     from qlora_lab import train as train_mod
 
     sft_run, dpo_run = tmp_path / "sft", tmp_path / "dpo"
-    train_mod.train(compose_train(TINY_PREF, sft_run))
+    train_mod.train(compose_train([*TINY_PREF, "adapter.r=8"], sft_run))
     sft = load_file(sft_run / "adapter" / "adapter_model.safetensors")
     metrics = train_mod.train(compose_train([*TINY_PREF, "objective=dpo", f"init_from={sft_run}"], dpo_run))
     assert metrics["status"] == "completed" and metrics["init_from"] == str(sft_run)
+    assert (metrics["lora_r"], metrics["lora_alpha"]) == (8, 16)  # the continued adapter's rank, not auto's 64
     at_start = {n: p for n, p in captured["before"].items() if ".default." in n}
     assert len(at_start) == len(sft)
     for name, tensor in sft.items():  # step 0 of the DPO run: exactly the SFT adapter
