@@ -20,9 +20,13 @@ def test_qlora_on_the_embedded_model_learns_the_demo_task(tmp_path):
     ], tmp_path))
     assert metrics["status"] == "completed" and metrics["global_step"] == 24
     assert metrics["task_score_before"] <= 0.1  # the base model does not produce the exact JSON
-    assert metrics["task_score_after"] >= metrics["task_score_before"] + 0.3, metrics
-    assert metrics["eval_loss"] < 0.5 * metrics["eval_loss_before"]
-    assert metrics["total_params"] > 130_000_000 and 0 < metrics["trainable_params"] < 0.05 * metrics["total_params"]
+    # the defaults of a model under 1B parameters: r=64, alpha=128, down_proj in 16-bit (README "4-bit quality").
+    # Measured on the 2-core Intel Xeon (2026-12-02): json_match 0.000 -> 0.688 (11 of 16), eval loss 0.454 -> 0.043
+    resolved = json.loads((tmp_path / "plan.json").read_text())["resolved"]
+    assert (resolved["adapter.r"], resolved["adapter.alpha"], resolved["quant.skip_modules"]) == (64, 128, ["down_proj"])
+    assert metrics["task_score_after"] >= 0.5, metrics
+    assert metrics["eval_loss"] < 0.15 * metrics["eval_loss_before"], metrics
+    assert metrics["total_params"] > 130_000_000 and metrics["trainable_params"] == 19_537_920  # 4x r=16's 4,884,480
     assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
