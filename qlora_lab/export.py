@@ -460,8 +460,9 @@ def model_card(run, cfg: DictConfig, name: str) -> str:
                f"{c.quant.method} base)."), "",
               "| | |", "|---|---|",
               f"| base model | `{c.model.name_or_path}` |",
-              f"| adapter | {c.adapter.method} r={c.adapter.get('r')} alpha={c.adapter.get('alpha')} |",
-              f"| quantization in training | {c.quant.method} |",
+              (f"| adapter | {c.adapter.method} r={m.get('lora_r') or c.adapter.get('r')} "
+               f"alpha={m.get('lora_alpha') or c.adapter.get('alpha')} |"),
+              f"| quantization in training | {c.quant.method}{_kept(run)} |",
               f"| data | {data}; {m.get('train_rows')} training rows, {m.get('eval_rows')} held out |",
               f"| steps | {m.get('global_step')} |",
               f"| held-out eval loss | {_num(m.get('eval_loss_before'))} → {_num(m.get('eval_loss'))} |",
@@ -472,6 +473,16 @@ def model_card(run, cfg: DictConfig, name: str) -> str:
                   f'model = AutoPeftModelForCausalLM.from_pretrained("{cfg.hub.repo}")', "```", ""]
     lines += ["The full training config is `qlora_lab_config.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _kept(run) -> str:
+    """The layers the run's 4-bit base kept in 16-bit (plan.json), as a user rebuilding that base must pass them to
+    BitsAndBytesConfig(llm_int8_skip_modules=...)."""
+    from qlora_lab.plan import recorded_skip_modules
+
+    kept = recorded_skip_modules(run.dir) if run.cfg.quant.method != "none" else None
+    return f"; kept in 16-bit: {', '.join(kept)} (`llm_int8_skip_modules=[{', '.join(repr(k) for k in kept)}, 'lm_head']`)" \
+        if kept else ""
 
 
 def _num(x) -> str:

@@ -248,12 +248,15 @@ SMALL_MODEL_16BIT = ("down_proj",)
 SMALL_MODEL_RANK, RANK = 64, 16
 
 
-def resolve_rank(adapter_cfg: DictConfig, total_params: int | None = None) -> tuple[int, float]:
+def resolve_rank(adapter_cfg: DictConfig, total_params: int | None = None,
+                 smallest_dim: int | None = None) -> tuple[int, float]:
     """(adapter.r, adapter.alpha) as numbers: "auto" rank by the model's size (``total_params``; None: unknown, the
-    large-model rank), "auto" alpha = 2 x rank."""
+    large-model rank), never above the smallest in/out size of the model's linear layers (``smallest_dim``: a rank
+    beyond it adds nothing, and PiSSA/OLoRA cannot save such an adapter as plain LoRA); "auto" alpha = 2 x rank."""
     r = adapter_cfg.get("r", "auto")
     if r == "auto":
         r = SMALL_MODEL_RANK if total_params is not None and total_params < SMALL_MODEL_PARAMS else RANK
+        r = min(r, smallest_dim) if smallest_dim else r
     alpha = adapter_cfg.get("alpha", "auto")
     return int(r), 2 * int(r) if alpha == "auto" else alpha
 

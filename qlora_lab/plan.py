@@ -175,7 +175,8 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     counts = _counts(model_config)
     total = counts["total"] if counts else None
     skip = _skip_modules(cfg.quant, total)
-    r, alpha = resolve_rank(cfg.adapter, total) if cfg.adapter.method == "lora" else (None, None)
+    smallest = min((min(shape) for shape in counts["linear_shapes"]), default=None) if counts else None
+    r, alpha = resolve_rank(cfg.adapter, total, smallest) if cfg.adapter.method == "lora" else (None, None)
     if cfg.get("init_from"):  # a preference run continues a trained adapter: its rank, not the config's
         r, alpha = _continued_rank(Path(cfg.init_from) / "adapter" / "adapter_config.json", r, alpha)
     objective = cfg.objective.name
@@ -468,7 +469,7 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def numeric_differences(recorded: dict[str, Any], plan: Plan) -> list[str]:
     """The NUMERIC fields of a recorded plan (plan.json) that ``plan`` changes, as "field: before -> now" lines."""
-    before, now = _flat(recorded), _flat(dataclasses.asdict(plan))
+    before, now = _flat(recorded), _flat(json.loads(json.dumps(dataclasses.asdict(plan))))  # tuples as JSON lists
     return [f"{key}: {before.get(key)!r} when the run started, {now.get(key)!r} now"
             for key in NUMERIC if key in before and before.get(key) != now.get(key)]
 

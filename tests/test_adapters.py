@@ -48,8 +48,11 @@ def reload_plain(cfg, run_dir):
     kwargs = dict(device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
     if cfg.adapter.method == "full":
         return AutoModelForCausalLM.from_pretrained(run_dir / "adapter", **kwargs)
+    # the 4-bit layers as the run had them: the plan records what quant.skip_modules=auto kept in 16-bit
+    kept = json.loads((run_dir / "plan.json").read_text())["resolved"]["quant.skip_modules"]
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path),
-                                                quantization_config=quantization_config(cfg.quant), **kwargs)
+                                                quantization_config=quantization_config(cfg.quant, skip_modules=kept),
+                                                **kwargs)
     _disable_cpu_inference_repacking(base)  # compare on the training kernel (see qlora_lab/models.py)
     # adapters on a 4-bit base were trained (and saved) in bf16: keep that dtype rather than upcasting
     return PeftModel.from_pretrained(base, run_dir / "adapter", autocast_adapter_dtype=cfg.quant.method == "none")

@@ -155,13 +155,13 @@ def test_the_adapter_folder_is_what_vllm_loads(lora_run):
     """vLLM's LoRA loader (vllm/lora/peft_helper.py) reads r, lora_alpha, target_modules and refuses DoRA,
     biases and modules_to_save; the run's adapter_config.json has what it reads."""
     config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 64 and config["lora_alpha"] == 128  # auto: a <1B model
+    assert config["peft_type"] == "LORA" and config["r"] == 32 and config["lora_alpha"] == 64  # auto: 64, capped at 32
     # vLLM matches target_modules by their last name part; peft wrote every linear layer of the decoder
     assert {m.split(".")[-1] for m in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"}
     assert not config.get("use_dora") and config.get("bias", "none") == "none"
     command, why = export.vllm_serving(lora_run, "HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert why == "" and command == (f"vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 64 "
+    assert why == "" and command == (f"vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 32 "
                                      f"--lora-modules {lora_run.name}={lora_run / 'adapter'}")
 
 

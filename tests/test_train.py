@@ -66,8 +66,9 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, capt
         resolve_dtype,
         resolve_model_path,
     )
+    kept = json.loads((tmp_path / "plan.json").read_text())["resolved"]["quant.skip_modules"]  # the 4-bit layers
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-random"),
-                                                quantization_config=quantization_config(cfg.quant),
+                                                quantization_config=quantization_config(cfg.quant, skip_modules=kept),
                                                 device_map=device_map(), dtype=resolve_dtype(cfg.model.dtype))
     # autocast_adapter_dtype=False keeps the adapter in the dtype it was trained and saved in (bf16 for QLoRA)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter", autocast_adapter_dtype=False).eval()
@@ -105,7 +106,8 @@ def test_a_completed_run_is_not_trained_again_and_a_resume_keeps_its_settings(tm
     train_mod.train(compose_train(run, tmp_path))
     first = OmegaConf.load(tmp_path / "config.yaml")  # the config it trained with, resolved
     assert first.adapter.r == "auto" and first.output_dir == str(tmp_path)
-    assert json.loads((tmp_path / "plan.json").read_text())["resolved"]["adapter.r"] == 64  # tiny model: under 1B
+    # the tiny model is under 1B parameters: auto's 64, capped at its smallest layer size (k/v_proj: 64 -> 32)
+    assert json.loads((tmp_path / "plan.json").read_text())["resolved"]["adapter.r"] == 32
     written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     with pytest.raises(UserError, match="holds a completed run .2 steps"):  # the same command again
@@ -297,6 +299,8 @@ def test_rank_auto_is_64_under_1b_parameters_and_alpha_auto_twice_the_rank():
     assert resolve_rank(a(r=8), 135_000_000) == (8, 16)
     assert resolve_rank(a(r=8, alpha=4), 135_000_000) == (8, 4)
     assert resolve_rank(a(alpha=16), 135_000_000) == (64, 16)
+    assert resolve_rank(a(), 135_000_000, smallest_dim=32) == (32, 64)  # never above a layer's size (tiny models)
+    assert resolve_rank(a(r=128), 135_000_000, smallest_dim=32) == (128, 256)  # a number is the user's
 
 
 def test_the_plan_keeps_an_8b_model_all_4_bit_and_its_estimate_counts_16_bit_layers():
@@ -343,7 +347,8 @@ def test_checkpoint_every_n_picks_the_fewest_layers_that_fit():
 
     from qlora_lab import estimate, models, plan
 
-    cfg = compose_train(["model=tiny-random"])
+    # the estimate below is computed with these settings (not the size rules' r=auto / skip_modules=auto)
+    cfg = compose_train(["model=tiny-random", "adapter.r=16", "adapter.alpha=32", "quant.skip_modules=[]"])
     path = models.resolve_model_path(cfg.model.name_or_path)
     model_config = models.model_config(cfg.model, path)
     machine = plan.Machine(device="cpu", accelerator="cpu", bf16=True, world_size=1)
