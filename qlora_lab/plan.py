@@ -469,7 +469,10 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def numeric_differences(recorded: dict[str, Any], plan: Plan) -> list[str]:
     """The NUMERIC fields of a recorded plan (plan.json) that ``plan`` changes, as "field: before -> now" lines."""
-    before, now = _flat(recorded), _flat(json.loads(json.dumps(dataclasses.asdict(plan))))  # tuples as JSON lists
+    def as_json(tree: Any) -> dict[str, Any]:  # tuples as JSON lists on both sides
+        return _flat(json.loads(json.dumps(tree)))
+
+    before, now = as_json(recorded), as_json(dataclasses.asdict(plan))
     return [f"{key}: {before.get(key)!r} when the run started, {now.get(key)!r} now"
             for key in NUMERIC if key in before and before.get(key) != now.get(key)]
 
