@@ -225,10 +225,8 @@ def _continued_rank(path: Path, r, alpha) -> tuple[int | None, float | None]:
 
 
 def _skip_modules(quant_cfg: DictConfig, total: int | None) -> list[str]:
-    if quant_cfg.method == "none":
-        return []
-    return resolve_skip_modules(quant_cfg, total_params=total) if total is not None else \
-        [] if quant_cfg.skip_modules == "auto" else resolve_skip_modules(quant_cfg)
+    # total None (size unknown): "auto" keeps nothing in 16-bit, a list is that list (resolve_skip_modules)
+    return [] if quant_cfg.method == "none" else resolve_skip_modules(quant_cfg, total_params=total)
 
 
 def _round(gib: float | None) -> float | None:

@@ -181,6 +181,18 @@ def test_skip_modules_takes_auto_or_a_list_of_names(value):
 
 
 @pytest.mark.parametrize("override, needle", [
+    ("adapter.r=abc", "adapter.r=abc: the rank must be an integer >= 1 (typical: 8-64), or auto"),
+    ("adapter.r=8.5", "adapter.r=8.5: the rank must be an integer >= 1"),
+    ("adapter.alpha=-1", "adapter.alpha=-1: must be a number > 0 (typical: 2 x adapter.r), or auto (2 x r)"),
+])
+def test_rank_and_alpha_take_auto_or_a_positive_number(override, needle):
+    validate(compose_train(["model=tiny-random", "adapter.r=auto", "adapter.alpha=auto"]))  # the defaults pass
+    with pytest.raises(ConfigError) as e:
+        validate(compose_train(["model=tiny-random", override]))
+    assert len(e.value.problems) == 1 and needle in e.value.problems[0], e.value.problems
+
+
+@pytest.mark.parametrize("override, needle", [
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("quant=nf5", "nf5"),
 ])
