@@ -296,8 +296,16 @@ class TrainRunConfig:
     memory_budget_gb: Any = "auto"
     """Memory budget in GiB for a training step (weights + adapter + activations + logits, as the "will it fit?"
     estimate computes them). Over budget, every n-th decoder layer is checkpointed (recomputed in backward), with
-    the largest n that fits. "auto" = 90% of the GPU's memory on CUDA, no budget on CPU; null = no budget
-    (trainer.gradient_checkpointing alone decides)."""
+    the largest n that fits, then every layer with offload_activations (auto). "auto" = 90% of the GPU's memory on
+    CUDA, no budget on CPU; null = no budget (trainer.gradient_checkpointing alone decides). A number is also
+    enforced on CUDA (torch.cuda.set_per_process_memory_fraction): a 24 on an 80 GB card runs as a 24 GB card
+    would, out-of-memory error included."""
+    offload_activations: Any = "auto"
+    """Activation offloading to host memory (TRL's `activation_offloading`: torchtune's OffloadActivations, which
+    copies every saved activation but the LM head's to pinned host memory on a side CUDA stream and brings it back
+    ahead of its backward): true, false, or "auto" = on only where the memory budget is still exceeded with every
+    decoder layer checkpointed. CUDA only: on CPU the activations are in host memory already (true is turned off,
+    with a note in the plan)."""
     loss: str = "auto"
     """How the training loss is computed (same value in every case):
       "selective" — logits only for labelled positions, in chunks of <=256 MiB (fastest, least memory; falls back

@@ -53,10 +53,11 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
              dropout: float = 0.05, dropout_impl: str = "torch", kernels: str = "none", batch: int = 8,
              seq_len: int = 512, checkpointing: bool | float = False, loss: str = "native", loss_tokens: float = 1.0,
              model_bytes: int = 2, counts: dict[str, Any] | None = None,
-             skip_modules: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+             skip_modules: tuple[str, ...] | list[str] = (), offload: bool = False) -> dict[str, Any]:
     """Bytes a training step needs on the device, by part; ``loss_tokens`` is the share of tokens with a label
     (what ``loss=selective`` computes logits for); ``counts`` = count_params(model_config), when known;
-    ``skip_modules``: linear layers left unquantized (the resolved quant.skip_modules)."""
+    ``skip_modules``: linear layers left unquantized (the resolved quant.skip_modules); ``offload``: the saved
+    activations are offloaded to host memory (TRL's activation offloading, offload_activations)."""
     n = counts or count_params(model_config)
     unquantized = sum(v for k, v in n.get("linear_by_name", {}).items() if k in skip_modules)
     c = model_config
@@ -98,6 +99,11 @@ def estimate(model_config, *, quant: str = "nf4", double_quant: bool = True, ada
     kept = layers - round(layers * share)                  # layers that keep all their activations
     # + one checkpointed layer recomputed at a time; with some layers kept, the later ones are freed by then
     activations = tokens * (kept * layer_bytes + (layers - kept) * 2 * h + (layer_bytes if kept == 0 else 0))
+    if offload:
+        # TRL's OffloadActivations moves every saved tensor of >= 1 KiB but the LM head's to host memory: on the device
+        # stay the layer being recomputed (or run) and the checkpointed inputs in flight (its forward stash of 5
+        # tensors, the backward's prefetch); counted as one layer's activations + two layer inputs
+        activations = tokens * (layer_bytes + 2 * 2 * h)
     if adapter == "full" or quant == "none":
         activations += tokens * h * 2                   # the embedding output also needs a gradient path
     logit_tokens = tokens * (loss_tokens if loss == "selective" else 1.0)

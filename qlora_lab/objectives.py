@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, measure, models
 from qlora_lab.config import PREFERENCE_OBJECTIVES
 from qlora_lab.errors import UserError
 from qlora_lab.plan import Plan
@@ -81,6 +81,7 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
     """The base model (plan's dtypes and quantization), the adapter (fresh, or init_from's), and TRL's trainer of
     the objective around them."""
     trainer_cls, config_cls = trainer_classes(cfg.objective.name)
+    measure.limit_cuda_memory(cfg.memory_budget_gb)  # as SFT's (trainer.setup)
     model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype,
                                list(plan.skip_modules))
     peft_config = None
@@ -97,6 +98,11 @@ def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eva
                             mixed_precision=plan.mixed_precision, config_class=config_cls,
                             extra={**overfitting_fields(plan.keep, cfg.early_stopping, cfg.trainer),
                                    **objective_fields(cfg.objective)})
+    if plan.offload_activations:
+        if not hasattr(args, "activation_offloading"):  # TRL 1.16's ORPOConfig has no such field
+            raise UserError(f"offload_activations=true: TRL's {cfg.objective.name.upper()} trainer cannot offload "
+                            "activations; set offload_activations=false.")
+        args.activation_offloading = True  # TRL's own, as for SFT (trainer.py)
     if cfg.objective.name == "orpo" and peft_config is not None:
         # TRL 1.16's ORPOTrainer, given a peft_config and a 4/8-bit base, calls peft's prepare_model_for_kbit_training,
         # which casts every non-quantized weight (embeddings, norms, lm_head) to float32; generation outside autocast

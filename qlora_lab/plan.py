@@ -125,6 +125,8 @@ class Plan:
     """Activation checkpointing: 0 off, 1 every decoder layer, n every n-th (the largest n under the budget)."""
     checkpointing_by: str
     """Who set the checkpointing: "trainer" (trainer.activation_checkpointing), "budget" or "none"."""
+    offload_activations: bool
+    """offload_activations: saved activations offloaded to host memory (TRL's activation offloading; CUDA only)."""
     estimated_gb: float | None
     """The memory estimate of a step with this checkpointing, in GiB (None where it cannot be computed)."""
     estimated_unchecked_gb: float | None
@@ -148,6 +150,7 @@ class Plan:
                 "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
                 "allocator": self.allocator, "batching": self.batching,
                 "trainer.pad_to_multiple_of": self.pad_to_multiple_of, "memory_budget_gb": self.memory_budget_gb,
+                "offload_activations": self.offload_activations,
                 "data.task_metric": self.task_metric, "data.format": self.data_format, "keep": self.keep}
 
     def to_json(self) -> dict[str, Any]:
@@ -188,8 +191,8 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         loss, kernels, dropout = objective, "none", "torch"
         notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
                      "kernels, fast dropout, length grouping) do not apply")
-    every, by, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels, dropout,
-                                                       skip, r or 0, counts, notes)
+    every, by, offload, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels,
+                                                                dropout, skip, r or 0, counts, notes)
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         skip_modules=tuple(skip), lora_r=r, lora_alpha=alpha,
@@ -197,7 +200,7 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
         batching=cfg.batching if objective == "sft" else "shuffled",
         pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
-        memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by,
+        memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by, offload_activations=offload,
         estimated_gb=_round(est), estimated_unchecked_gb=_round(unchecked), task_metric=_task_metric(cfg.data, task_rows),
         data_format=_data_format(data_stats), keep=resolve_keep(cfg.keep, cfg.trainer),
         notes=tuple(notes))
@@ -353,10 +356,11 @@ def _dropout(adapter: DictConfig, machine: Machine) -> str:
 
 def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernels: str, dropout: str,
                    skip: list[str], r: int, counts: dict[str, Any] | None,
-                   notes: list[str]) -> tuple[int, str, float | None, float | None, float | None]:
-    """(every n-th layer checkpointed (0 = none), set by, estimate GiB, estimate without checkpointing GiB, budget):
-    with no checkpointing asked for, every n-th decoder layer with the largest n whose estimated step fits
-    memory_budget_gb ("auto": 90% of the GPU; none on CPU, where RAM is the limit and speed matters more)."""
+                   notes: list[str]) -> tuple[int, str, bool, float | None, float | None, float | None]:
+    """(every n-th layer checkpointed (0 = none), set by, offload, estimate GiB, estimate without checkpointing GiB,
+    budget). The fastest plan whose estimated step fits memory_budget_gb ("auto": 90% of the GPU; none on CPU, where
+    RAM is the limit and speed matters more): no checkpointing, else every n-th decoder layer with the largest n,
+    else every layer, else (offload_activations=auto, CUDA) every layer with the activations offloaded to the host."""
     from qlora_lab import estimate
     from qlora_lab.sftconfig import TrainerConfig
 
@@ -365,41 +369,52 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
     if budget == "auto":
         budget = round(0.9 * machine.gpu_memory_gb, 1) if machine.gpu_memory_gb else None
     budget = None if budget is None else float(budget)
+    asked_offload = cfg.get("offload_activations", "auto")
+    can_offload = machine.device == "cuda"
+    if asked_offload is True and not can_offload:
+        notes.append("offload_activations=true: off — on CPU the activations are in host memory already")
+    offload = asked_offload is True and can_offload
     seq_len, labelled = shape or (t.max_length or 1024, 1.0)
     kwargs = dict(quant=cfg.quant.method, double_quant=cfg.quant.double_quant, adapter=cfg.adapter.method,
                   r=r, dropout=cfg.adapter.dropout, dropout_impl=dropout, kernels=kernels,
                   batch=t.per_device_train_batch_size, seq_len=seq_len, loss=loss, loss_tokens=labelled,
                   model_bytes=4 if _dtype(cfg.model.dtype, machine) == "float32" else 2, skip_modules=tuple(skip))
 
-    def gib(share: float) -> float | None:
+    def gib(share: float, offloaded: bool = offload) -> float | None:
         """The estimate in GiB with ``share`` of the layers checkpointed; None where it cannot be computed (an
         estimate never stops a run: e.g. an architecture without the Llama-style sizes it reads)."""
         if counts is None:
             return None
         try:
-            est = estimate.estimate(model_config, **kwargs, checkpointing=share, counts=counts)
+            est = estimate.estimate(model_config, **kwargs, checkpointing=share, counts=counts, offload=offloaded)
         except Exception:  # noqa: BLE001
             return None
         return est["total_bytes"] / 2**30
 
     layers = getattr(model_config, "num_hidden_layers", 0) or 0
-    unchecked = gib(0.0)
+    unchecked = gib(0.0, False)
     if t.get("activation_checkpointing") or t.get("gradient_checkpointing"):
-        return 1, "trainer", gib(1.0), unchecked, budget
+        return 1, "trainer", offload, gib(1.0), unchecked, budget
     if budget is None or unchecked is None or unchecked <= budget or layers == 0:
-        return 0, "none", unchecked, unchecked, budget
+        return 0, "none", offload, gib(0.0), unchecked, budget
     if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
         notes.append(f"memory_budget_gb={budget}: estimated {unchecked:.2f} GiB, but adapter=prefix cannot use "
                      "activation checkpointing")
-        return 0, "none", unchecked, unchecked, budget
+        return 0, "none", offload, gib(0.0), unchecked, budget
     if "activation_checkpointing_kwargs" not in {f.name for f in dataclasses.fields(TrainerConfig)}:
         notes.append("memory_budget_gb: this transformers version checkpoints all layers or none; all layers")
-        return 1, "budget", gib(1.0), unchecked, budget
+        return 1, "budget", offload, gib(1.0), unchecked, budget
     for n in range(layers, 1, -1):
         est = gib(len(range(0, layers, n)) / layers)
         if est is not None and est <= budget:
-            return n, "budget", est, unchecked, budget
-    return 1, "budget", gib(1.0), unchecked, budget
+            return n, "budget", offload, est, unchecked, budget
+    every = gib(1.0)
+    if every is not None and every > budget and asked_offload == "auto" and can_offload:
+        offloaded = gib(1.0, True)
+        notes.append(f"memory_budget_gb={budget}: every layer checkpointed is still {every:.2f} GiB; activations "
+                     f"offloaded to host memory ({offloaded:.2f} GiB)")
+        return 1, "budget", True, offloaded, unchecked, budget
+    return 1, "budget", offload, every, unchecked, budget
 
 
 def _task_metric(data_cfg: DictConfig, task_rows: int) -> str:
@@ -444,7 +459,8 @@ def describe(plan: Plan) -> str:
                                          f"/ {', '.join(plan.skip_modules) or '-'}"),
             ("loss / kernels / dropout", f"{plan.loss} / {plan.kernels} / {plan.dropout_impl}"),
             ("batching / allocator", f"{plan.batching} / {plan.allocator}"),
-            ("checkpointing", f"{check} (by {plan.checkpointing_by}); step estimate {est}"),
+            ("checkpointing", f"{check} (by {plan.checkpointing_by}){', activations offloaded to host' if plan.offload_activations else ''}; "
+                              f"step estimate {est}"),
             ("data / task metric", f"{plan.data_format} / {plan.task_metric}"),
             ("adapter kept", plan.keep)]
     width = max(len(k) for k, _ in rows)

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, measure, models
 from qlora_lab.cpu import kernels as lean
 from qlora_lab.errors import UserError
 from qlora_lab.plan import LIGER_KERNEL_CONFIG, Plan
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 def setup(cfg: DictConfig, plan: Plan, model_path: str, tokenizer, train_ds, eval_ds, run_dir: Path):
     """The base model (in the plan's dtypes and quantization), the trainer around it, and what needs the wrapped
     model (the plan's dropout, LoftQ, IA3 on a 4-bit base)."""
+    fraction = measure.limit_cuda_memory(cfg.memory_budget_gb)
+    if fraction is not None:
+        log.info("memory_budget_gb=%g: this process may use %.1f%% of the GPU's memory", cfg.memory_budget_gb,
+                 100 * fraction)
     model = models.build_model(cfg.model, cfg.quant, model_path, plan.model_dtype, plan.compute_dtype,
                                list(plan.skip_modules))
     trainer = build_trainer(cfg, plan, model, tokenizer, train_ds, eval_ds, run_dir)
@@ -49,6 +53,9 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
     args.pad_to_multiple_of = plan.pad_to_multiple_of
     _apply_batching(args, plan.batching)
     _apply_checkpointing(args, plan)
+    # TRL's own offloading (torchtune's OffloadActivations: a side CUDA stream, a forward stash, backward prefetch),
+    # entered around every training_step; the plan turns it on only on CUDA
+    args.activation_offloading = plan.offload_activations
     kernel_impl = plan.kernels
     if kernel_impl == "liger":
         # transformers' Trainer patches the model's RMSNorm, RoPE and MLP modules with Liger's when train() starts

@@ -345,6 +345,9 @@ def validate(cfg: DictConfig) -> None:
     if not (budget is None or budget == "auto" or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                                     and budget > 0)):
         p.append(f"memory_budget_gb={budget!r}: give a positive number of GiB, 'auto' (90% of the GPU) or null.")
+    if cfg.offload_activations not in (True, False, "auto"):
+        p.append(f"offload_activations={cfg.offload_activations!r}: give true, false or auto (on only where the memory "
+                 "budget is exceeded with every layer checkpointed).")
     if cfg.max_nonfinite_steps < 0:
         p.append(f"max_nonfinite_steps={cfg.max_nonfinite_steps}: must be >= 0 (0 disables the divergence check).")
 
