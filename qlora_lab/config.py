@@ -382,6 +382,21 @@ class BenchConfig:
     """Peak bf16 FLOP/s for MFU, in TFLOP/s; null = 989 on H100/H200, else a matmul measured at start."""
     timeout_s: int = 1800
     """Seconds before a configuration's process is stopped (recorded as failed)."""
+    memory_budget_gb: Optional[float] = None
+    """Both recipes inside this budget, in GiB, as on a card of this size: on CUDA each configuration's process is
+    capped (torch.cuda.set_per_process_memory_fraction; past it the step fails with out-of-memory, as it would on
+    the smaller card) and qlora_lab's plan is given memory_budget_gb=<this> to pick what fits; on CPU each row
+    records whether its training memory (peak RSS above the imports) stayed inside ("within_budget"). null = none."""
+    max_seq: bool = False
+    """Instead of the matrix: for every (method, batch size, recipe), the longest sequence whose training step fits
+    (on CUDA: the card, or memory_budget_gb; on CPU memory_budget_gb is required). Probes rows of exactly that many
+    tokens, doubling from seq_lens[0] up to max_seq_limit, then bisecting to max_seq_step tokens; each probe is
+    one step in a fresh process. Writes <name>.{json,md} with every probe."""
+    max_seq_limit: int = 131072
+    """The longest sequence bench.max_seq probes."""
+    max_seq_step: int = 1024
+    """bench.max_seq's resolution in tokens: the bisection stops when the fitting and the failing length are at most
+    this far apart (probes are multiples of it)."""
 
 
 @dataclass

@@ -159,3 +159,82 @@ def test_heldout_rows_are_encoded_as_training_encodes_a_chat_row():
         assert enc["input_ids"][-len(answer):] == answer
         assert tokenizer.decode(answer).startswith(row["completion"])
         assert row["prompt"] in tokenizer.decode(enc["input_ids"][:-len(answer)])
+
+
+@pytest.mark.parametrize("threshold, start, limit, step, expected, stop", [
+    (5000, 512, 131072, 256, 4864, "5120 tokens do not fit"),      # doubling to 8192, then bisecting 4096..8192
+    (70000, 8192, 131072, 1024, 69632, "70656 tokens do not fit"),
+    (10**9, 512, 3000, 256, 3000, "fits at bench.max_seq_limit=3000"),  # the limit itself is probed once
+    (100, 512, 4096, 256, None, "512 tokens (the first probe) do not fit"),
+    (512, 512, 4096, 256, 512, "768 tokens do not fit"),
+])
+def test_max_seq_search_doubles_then_bisects_to_the_step(threshold, start, limit, step, expected, stop):
+    from qlora_lab.bench.maxseq import longest
+
+    probed = []
+
+    def probe(length):
+        probed.append(length)
+        return length <= threshold
+
+    best, why = longest(probe, start, limit, step)
+    assert (best, why) == (expected, stop)
+    assert len(probed) == len(set(probed))  # no length probed twice
+    bisected = probed[probed.index(max(probed)) + 1:]  # after the doubling's first failure (or the limit)
+    assert all(p % step == 0 for p in bisected)
+
+
+def test_a_probe_failing_for_another_reason_stops_the_search_and_is_not_read_as_too_long():
+    from qlora_lab.bench.maxseq import fits, longest
+
+    assert fits({"status": "completed", "within_budget": False}) is False
+    assert fits({"status": "completed"}) is True
+    assert fits({"status": "failed", "out_of_memory": True}) is False
+    assert fits({"status": "failed", "out_of_memory": False, "error": "ValueError: x"}) is None
+    assert longest(lambda n: True if n < 2048 else None, 512, 8192, 256) == (
+        1024, "a probe at 2048 tokens failed for another reason than memory")
+
+
+@pytest.mark.integration  # one CLI process, 4 probe processes on the tiny model
+def test_max_seq_finds_each_recipes_longest_sequence_inside_the_budget(tmp_path):
+    """On CPU the budget is the step's training memory (peak RSS above the imports): at 0.4 GiB the plain recipe's
+    full-vocabulary logits stop it at 128 tokens, where ours (selective loss) still fits 256 (measured: ours ~245
+    MiB at both, plain 330 at 128 and 495 at 256)."""
+    proc = run_cli("bench", "model=tiny-random", "bench.max_seq=true", "bench.methods=[qlora]", "bench.batch_sizes=[1]",
+                   "bench.seq_lens=[128]", "bench.max_seq_limit=256", "bench.max_seq_step=128",
+                   "bench.memory_budget_gb=0.4", f"bench.results_dir={tmp_path}", "bench.name=maxseq",
+                   f"hydra.run.dir={tmp_path / 'work'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "maxseq.json").read_text())
+    ours, plain = out["searches"]
+    assert (ours["recipe"], ours["max_seq"], ours["stopped"]) == ("qlora_lab", 256, "fits at bench.max_seq_limit=256")
+    assert (plain["recipe"], plain["max_seq"], plain["stopped"]) == ("plain", 128, "256 tokens do not fit")
+    assert [p["seq_len"] for p in plain["probes"]] == [128, 256] and plain["probes"][1]["used_mb"] > 0.4 * 1024
+    assert all(p["used_mb"] <= 0.4 * 1024 for p in ours["probes"])
+    assert out["ratios"] == [{"method": "qlora", "batch": 1, "recipe": "qlora_lab", "max_seq_ratio": 2.0}]
+    # the probes trained on rows of the probed length (whole few-shot examples: a few tokens short at most)
+    from transformers import AutoTokenizer
+
+    from qlora_lab import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path("builtin:tiny-random"))
+    rows = [json.loads(line) for line in (tmp_path / "work/rows-full-256.jsonl").read_text().splitlines()]
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
+    assert all(200 < n <= 256 for n in lengths), lengths
+    assert "| qlora | 1 | plain | 128 | 256 tokens do not fit |" in (tmp_path / "maxseq.md").read_text()
+
+
+def test_max_seq_on_cpu_needs_a_budget():
+    import torch
+    from omegaconf import OmegaConf
+
+    from qlora_lab.bench.app import validate_bench
+    from qlora_lab.config import BenchRunConfig
+    from qlora_lab.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the card is the budget")
+    cfg = OmegaConf.merge(OmegaConf.structured(BenchRunConfig), {"bench": {"max_seq": True, "max_seq_step": 0}})
+    with pytest.raises(ConfigError, match=r"(?s)needs bench.memory_budget_gb.*max_seq_step=0") as e:
+        validate_bench(cfg)
+    assert "2 problem(s)" in str(e.value)

@@ -67,6 +67,16 @@ def validate_bench(cfg: DictConfig) -> None:
             p.append(f"bench.variants: name {name!r} must be letters, digits, '-' or '_'.")
     if b.quality_rows < 0:
         p.append(f"bench.quality_rows={b.quality_rows}: give the number of held-out rows to score, or 0 for none.")
+    budget = b.get("memory_budget_gb")
+    if budget is not None and budget <= 0:
+        p.append(f"bench.memory_budget_gb={budget}: give a positive number of GiB, or null for none.")
+    if b.get("max_seq"):
+        if budget is None and not torch.cuda.is_available():
+            p.append("bench.max_seq=true on CPU needs bench.memory_budget_gb (the probes would grow until the "
+                     "machine runs out of memory): e.g. bench.memory_budget_gb=8.")
+        if b.max_seq_step < 1 or (b.seq_lens and b.max_seq_limit < b.seq_lens[0]):
+            p.append(f"bench.max_seq_step={b.max_seq_step}, bench.max_seq_limit={b.max_seq_limit}: need a step >= 1 "
+                     "and a limit >= the first seq_len (where the search starts).")
     if b.steps < 1 or b.warmup_steps < 0 or b.profile_steps < 0:
         p.append(f"bench.steps={b.steps}, bench.warmup_steps={b.warmup_steps}, bench.profile_steps={b.profile_steps}: "
                  "need steps >= 1, warmup_steps >= 0 and profile_steps >= 0.")
@@ -120,6 +130,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     work = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("output_dir"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
+    if b.max_seq:
+        from qlora_lab.bench import maxseq
+
+        model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
+        return maxseq.search_all(cfg, work, model_path, info, _runs_here(cfg), _run_one, _write_rows)
     peak, peak_source = peak_tflops(b.peak_tflops)
     model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
     rows_share: dict[int, float] = {}
@@ -167,30 +182,35 @@ def _runs_here(cfg: DictConfig) -> bool:
     return torch.cuda.is_available() or not str(cfg.model.name_or_path).endswith("-arch")
 
 
-def _write_rows(work: Path, model_path: str, seq_len: int, n: int) -> float:
-    """Write the rows for ``seq_len``; return the labelled share of their tokens (for the estimate)."""
+def _write_rows(work: Path, model_path: str, seq_len: int, n: int, full: bool = False) -> float:
+    """Write the rows for ``seq_len`` (``full``: every row as long as seq_len allows, rows-full-<seq_len>.jsonl);
+    return the labelled share of their tokens (for the estimate)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows = bench_rows(tokenizer, n, seq_len)
-    write_rows(work / f"rows-{seq_len}.jsonl", rows)
-    write_rows(work / f"pairs-{seq_len}.jsonl", preference_rows(rows))
+    rows = bench_rows(tokenizer, n, seq_len, full=full)
+    kind = "full-" if full else ""
+    write_rows(work / f"rows-{kind}{seq_len}.jsonl", rows)
+    write_rows(work / f"pairs-{kind}{seq_len}.jsonl", preference_rows(rows))
     shares = [len(tokenizer(r["messages"][-1]["content"])["input_ids"]) /
               len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
     return sum(shares) / len(shares)
 
 
-def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any]) -> dict[str, Any]:
+def _run_one(cfg: DictConfig, work: Path, model_path: str, row: dict[str, Any], probe: bool = False) -> dict[str, Any]:
+    """One configuration in a fresh worker process; ``probe``: bench.max_seq's single step on rows of exactly
+    seq_len tokens (rows-full-<seq_len>.jsonl), no warm-up, profile or scoring."""
     b = cfg.bench
-    tag = f"{row['method']}-{row['recipe']}-s{row['seq_len']}-b{row['batch']}"
+    tag = f"{row['method']}-{row['recipe']}-s{row['seq_len']}-b{row['batch']}{'-probe' if probe else ''}"
     recipe, _, variant = row["recipe"].partition(":")
     tag = tag.replace(":", "-")
     overrides = [*b.overrides, *(b.variants[variant] if variant else [])]
-    spec = {"recipe": recipe, "method": row["method"], "model_path": model_path,
-            "rows_path": str(work / f"{'pairs' if row['method'] in PREFERENCE else 'rows'}-{row['seq_len']}.jsonl"), "seq_len": row["seq_len"], "batch": row["batch"],
-            "steps": b.steps, "warmup_steps": b.warmup_steps, "profile_steps": b.profile_steps, "overrides": overrides,
-            "quality_rows": b.quality_rows,
-            "output_dir": str(work / tag)}
+    rows = f"{'pairs' if row['method'] in PREFERENCE else 'rows'}-{'full-' if probe else ''}{row['seq_len']}.jsonl"
+    steps = dict(steps=1, warmup_steps=0, profile_steps=0, quality_rows=0) if probe else dict(
+        steps=b.steps, warmup_steps=b.warmup_steps, profile_steps=b.profile_steps, quality_rows=b.quality_rows)
+    spec = {"recipe": recipe, "method": row["method"], "model_path": model_path, "rows_path": str(work / rows),
+            "seq_len": row["seq_len"], "batch": row["batch"], **steps, "overrides": overrides,
+            "memory_budget_gb": b.memory_budget_gb, "output_dir": str(work / tag)}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     # the allocator `qlora-lab train` would start with (qlora_lab), or the C library's (plain: `python script.py`)
@@ -380,6 +400,11 @@ register_configs()
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
     out = bench(cfg)
+    if cfg.bench.max_seq:
+        from qlora_lab.bench import maxseq
+
+        print(maxseq.markdown(out), flush=True)
+        return float(out["objective"])
     print(markdown(out), flush=True)
     speedups = [x["tokens_per_s_ratio"] for x in out["ratios"]]
     return float(sum(speedups) / len(speedups)) if speedups else float("nan")

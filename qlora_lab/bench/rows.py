@@ -15,19 +15,23 @@ from qlora_lab import task
 from qlora_lab.errors import UserError
 
 
-def bench_rows(tokenizer, n: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """``n`` rows in the `messages` format, each at most ``seq_len`` tokens with the chat template applied."""
+def bench_rows(tokenizer, n: int, seq_len: int, seed: int = 0, full: bool = False) -> list[dict]:
+    """``n`` rows in the `messages` format, each at most ``seq_len`` tokens with the chat template applied;
+    ``full``: each as close to ``seq_len`` as whole few-shot examples allow (bench.max_seq's probes)."""
     rng = random.Random(f"bench-{seq_len}-{seed}")
     pool = task.demo_rows(512, "train", seed)
     rows = []
     for _ in range(n):
-        target = rng.randint(max(seq_len // 4, 32), seq_len)
+        target = seq_len if full else rng.randint(max(seq_len // 4, 32), seq_len)
         question = rng.choice(pool)
         shots: list[dict] = []
         row = _row(question, shots)
         if _length(tokenizer, row) > seq_len:
             raise UserError(f"bench.seq_lens: {seq_len} tokens cannot hold a benchmark row (the shortest has "
                             f"{_length(tokenizer, row)} tokens with the chat template); use 256 or more.")
+        if full:
+            rows.append(_full_row(tokenizer, rng, pool, question, seq_len))
+            continue
         while True:
             shot = rng.choice(pool)
             longer = _row(question, [*shots, shot])
@@ -48,6 +52,22 @@ def preference_rows(rows: list[dict], seed: int = 0) -> list[dict]:
     return [{"prompt": r["messages"][:-1], "chosen": r["messages"][-1:],
              "rejected": [{"role": "assistant", "content": wrong_answer(r["messages"][-1]["content"], rng)}]}
             for r in rows]
+
+
+def _full_row(tokenizer, rng: random.Random, pool: list[dict], question: dict, seq_len: int) -> dict:
+    """A row of at most ``seq_len`` tokens, filled with few-shot examples counted by their own token lengths (rows
+    of 64k tokens: re-tokenizing the whole row per added example, as bench_rows does, would be quadratic), then
+    trimmed by whole examples until the real length fits."""
+    used = _length(tokenizer, _row(question, []))
+    shots: list[dict] = []
+    while used < seq_len:
+        shot = rng.choice(pool)
+        used += len(tokenizer(f"{shot['prompt'].split(chr(10), 1)[1]}\nAnswer: {shot['completion']}\n\n",
+                              add_special_tokens=False)["input_ids"])
+        shots.append(shot)
+    while shots and _length(tokenizer, _row(question, shots)) > seq_len:
+        shots.pop()
+    return _row(question, shots)
 
 
 def _row(question: dict, shots: list[dict]) -> dict:

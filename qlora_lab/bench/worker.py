@@ -152,7 +152,9 @@ def _qlora_lab_trainer(spec: dict, callbacks: list):
                  f"trainer.max_length={spec['seq_len']}", f"trainer.max_steps={_total_steps(spec)}",
                  "trainer.eval_strategy=no", "trainer.save_strategy=no", "trainer.logging_steps=1",
                  # keep=last: a variant that evaluates must not start saving checkpoints (keep=best saves at each one)
-                 "trainer.report_to=none", "keep=last", *spec.get("overrides", [])]
+                 "trainer.report_to=none", "keep=last",
+                 *([f"memory_budget_gb={spec['memory_budget_gb']}"] if spec.get("memory_budget_gb") else []),
+                 *spec.get("overrides", [])]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
@@ -200,10 +202,13 @@ def _total_steps(spec: dict) -> int:
 
 
 def run(spec: dict) -> dict[str, Any]:
+    from qlora_lab import measure
     from qlora_lab.cpu import allocator
 
     result: dict[str, Any] = {"status": "running", "rss_after_imports_mb": _rss_mb("VmRSS"),
                               "allocator": allocator.active()}
+    budget = spec.get("memory_budget_gb")
+    measure.limit_cuda_memory(budget)  # both recipes, as on a card of that size (qlora_lab's plan is given it too)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()
@@ -227,6 +232,9 @@ def run(spec: dict) -> dict[str, Any]:
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     result["peak_rss_mb"] = _rss_mb("VmHWM")  # training's peak: scoring below is not in it
+    if budget is not None:
+        used = result.get("cuda_max_reserved_mb") or result["peak_rss_mb"] - result["rss_after_imports_mb"]
+        result.update(budget_used_mb=round(used, 1), within_budget=used <= budget * 1024)
     if spec.get("quality_rows"):
         result.update(quality(trainer, spec["quality_rows"]))
     result["status"] = "completed"
@@ -259,7 +267,8 @@ def main() -> None:
         result = run(spec)
     except Exception as e:  # recorded, so that the matrix goes on  # noqa: BLE001
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]}
+        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300],
+                  "out_of_memory": isinstance(e, torch.OutOfMemoryError)}
     out_path.write_text(json.dumps({**spec, **result}, indent=1))
     sys.exit(0 if result["status"] == "completed" else 1)
 
