@@ -111,6 +111,8 @@ class Plan:
     """loss: "selective", "native" or "fused"; the objective ("dpo", "orpo", "kto") for TRL's preference trainers."""
     kernels: str
     """kernels: "lean", "liger" or "none"."""
+    compile: str
+    """compile: "layers" (each decoder layer torch.compile'd) or "none"."""
     dropout_impl: str
     """adapter.dropout_impl: "torch", "fast" or "recompute" ("torch" where the adapter has no LoRA dropout)."""
     allocator: str
@@ -147,7 +149,8 @@ class Plan:
                 "quant.skip_modules": list(self.skip_modules), "adapter.r": self.lora_r,
                 "adapter.alpha": self.lora_alpha,
                 "trainer.bf16": self.mixed_precision == "bf16", "trainer.fp16": self.mixed_precision == "fp16",
-                "loss": self.loss, "kernels": self.kernels, "adapter.dropout_impl": self.dropout_impl,
+                "loss": self.loss, "kernels": self.kernels, "compile": self.compile,
+                "adapter.dropout_impl": self.dropout_impl,
                 "allocator": self.allocator, "batching": self.batching,
                 "trainer.pad_to_multiple_of": self.pad_to_multiple_of, "memory_budget_gb": self.memory_budget_gb,
                 "offload_activations": self.offload_activations,
@@ -197,7 +200,8 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         skip_modules=tuple(skip), lora_r=r, lora_alpha=alpha,
         mixed_precision=_mixed_precision(cfg.trainer, machine), attn_implementation=cfg.model.attn_implementation,
-        loss=loss, kernels=kernels, dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
+        loss=loss, kernels=kernels, compile=_compile(cfg.get("compile", "none"), objective, notes),
+        dropout_impl=dropout, allocator=allocator.resolve(cfg.allocator),
         batching=cfg.batching if objective == "sft" else "shuffled",
         pad_to_multiple_of=_pad_multiple(cfg.trainer.get("pad_to_multiple_of")),
         memory_budget_gb=budget, checkpoint_every=every, checkpointing_by=by, offload_activations=offload,
@@ -343,6 +347,13 @@ def _kernels(kernels: str, model_config, machine: Machine, notes: list[str]) -> 
     return kernels
 
 
+def _compile(asked: str, objective: str, notes: list[str]) -> str:
+    if asked != "none" and objective != "sft":
+        notes.append(f"compile={asked}: off — TRL's {objective.upper()} trainer is not compiled here (SFT only)")
+        return "none"
+    return asked
+
+
 def _dropout(adapter: DictConfig, machine: Machine) -> str:
     """adapter.dropout_impl=auto: recompute on CPU (dropout's random draws were ~28% of a QLoRA step there), torch on
     CUDA (its fused dropout is cheap). Only LoRA with dropout > 0 has dropout modules to swap."""
@@ -457,7 +468,9 @@ def describe(plan: Plan) -> str:
             ("attention", str(plan.attn_implementation or "transformers' default")),
             ("LoRA rank / not quantized", f"{f'r={plan.lora_r}, alpha={plan.lora_alpha:g}' if plan.lora_r else '-'} "
                                          f"/ {', '.join(plan.skip_modules) or '-'}"),
-            ("loss / kernels / dropout", f"{plan.loss} / {plan.kernels} / {plan.dropout_impl}"),
+            ("loss / kernels / dropout", f"{plan.loss} / {plan.kernels}"
+                                         f"{' (decoder layers compiled)' if plan.compile == 'layers' else ''} / "
+                                         f"{plan.dropout_impl}"),
             ("batching / allocator", f"{plan.batching} / {plan.allocator}"),
             ("checkpointing", f"{check} (by {plan.checkpointing_by}){', activations offloaded to host' if plan.offload_activations else ''}; "
                               f"step estimate {est}"),

@@ -94,7 +94,23 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
     add_early_stopping(trainer, cfg.early_stopping)
     if kernel_impl == "lean":
         lean.apply_lean_lora(trainer.model)  # the peft layers exist once SFTTrainer has wrapped the model
+    if plan.compile == "layers":
+        log.info("compile=layers: %d decoder layers compiled (torch.compile); the first steps include compiling",
+                 compile_layers(trainer.model))
     return trainer
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (nn.Module.compile) — regional compilation: the layers share their
+    code, so one graph (recompiled for new shapes) serves all; the loss, the LM head and the optimizer stay eager.
+    The decoder layers are transformers' GradientCheckpointingLayer subclasses, so activation checkpointing keeps
+    working around them. Returns how many were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def add_early_stopping(trainer, early_stopping: DictConfig) -> None:

@@ -130,7 +130,9 @@ def _lora_forward(self, x, *args, **kwargs):
         out = out.to(result.dtype)  # peft's 4-bit layer rounds the adapter's output to the base output's dtype first
     # peft's Linear returns (result + out).to(result.dtype), a sum in the promoted dtype: what an in-place add into
     # `result` computes. In place only on a fresh tensor of the base layer's (autograd refuses the rest loudly).
-    if result._base is None and result.data_ptr() != x.data_ptr():
+    # Under torch.compile (compile=layers) the out-of-place sum: the compiler fuses it anyway, and a data-pointer
+    # comparison would break the graph.
+    if not torch.compiler.is_compiling() and result._base is None and result.data_ptr() != x.data_ptr():
         return result.add_(out)
     return (result + out).to(result.dtype)
 
