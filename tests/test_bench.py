@@ -238,3 +238,34 @@ def test_max_seq_on_cpu_needs_a_budget():
     with pytest.raises(ConfigError, match=r"(?s)needs bench.memory_budget_gb.*max_seq_step=0") as e:
         validate_bench(cfg)
     assert "2 problem(s)" in str(e.value)
+
+
+def test_gpu_targets_are_composed_from_the_phases_outputs_with_the_plain_recipe_beside(tmp_path):
+    """benchmarks/gpu/targets.py (run at the end of run_targets.sh) on outputs shaped as the bench writes them: a
+    phase that did not run is "not measured", never a number."""
+    import runpy
+    from pathlib import Path
+
+    targets = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks/gpu/targets.py"))
+    machine = {"gpu": "NVIDIA H200", "label": "NVIDIA-H200"}
+    row = {"method": "qlora", "seq_len": 2048, "batch": 4, "status": "completed", "mfu": 0.2}
+    (tmp_path / "budget24.json").write_text(json.dumps({"machine": machine, "results": [
+        {**row, "recipe": "qlora_lab", "tokens_per_s": 3000.0, "cuda_max_reserved_mb": 20000},
+        {**row, "recipe": "plain", "tokens_per_s": 1400.0, "cuda_max_reserved_mb": 23000},
+        {**row, "recipe": "qlora_lab:offload", "tokens_per_s": 2800.0},
+        {**row, "recipe": "qlora_lab:compiled", "status": "failed", "error": "OutOfMemoryError: x"}]}))
+    (tmp_path / "maxseq24.json").write_text(json.dumps({"machine": machine, "searches": [
+        {"recipe": "qlora_lab", "max_seq": 73728, "stopped": "81920 tokens do not fit"},
+        {"recipe": "plain", "max_seq": 8192, "stopped": "16384 tokens do not fit"}]}))
+    res = targets["compose"](tmp_path)
+    t = res["targets"]
+    assert res["card"] == "NVIDIA H200"
+    assert (t["speed_at_24gb"]["measured"], t["speed_at_24gb"]["met"]) == (2.14, True)
+    assert t["speed_at_24gb"]["plain_tokens_per_s"] == 1400.0
+    assert t["speed_at_24gb"]["variants"] == {"qlora_lab:offload": 2.0}  # the failed variant has no ratio
+    assert (t["longest_seq_at_24gb"]["measured"], t["longest_seq_at_24gb"]["plain"], t["longest_seq_at_24gb"]["met"]) \
+        == (73728, 8192, True)
+    for missing in ("longest_seq_at_12gb", "mfu_seq4096"):
+        assert t[missing]["measured"] is None and t[missing]["met"] is None
+    table = targets["markdown"](res)
+    assert "| 2.0 | 2.14 | 1400.0 | yes |" in table and table.count("not measured") == 2

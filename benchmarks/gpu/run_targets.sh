@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue #20 on a lent GPU (~10 minutes on an H200; the device tool allows 10 per command): install the carried
+# wheels, run the GPU-gated tests, then the targets' phases, each capped by its own timeout and each writing its
+# JSON/Markdown into $OUT as it goes, then benchmarks/gpu/targets.py composes gpu-targets-<card>-<date>.{json,md}.
+#   budget24  seq 2048, batch 4, both recipes capped at 24 GiB (+ variants: offloading, compiled layers)
+#   maxseq24  longest sequence at batch 1 inside 24 GiB (doubling from 16k to 128k, then bisecting to 8k)
+#   mfu4096   seq 4096, batch 2, no budget (qlora_lab and its compiled variant only)
+#   maxseq12  longest sequence at batch 1 inside 12 GiB (doubling from 4k, bisecting to 2k)
+# $OUT gets at most 8 files (the device tool returns no more): setup.txt, pytest_gpu.txt, targets.log,
+# gpu-targets-*.{json,md} and phases.tgz (every phase's JSON/Markdown/PNG/log, re-packed after each phase, so a
+# run cut short keeps what it measured). PHASES picks and orders them (default: all four, in this order); SKIP_TESTS=1 skips the tests; SKIP_INSTALL=1
+# where the stack is installed. Carry: .whl (../shared/device/fetch-wheels.sh) and .gpu_cache (the tiny-random cache).
+#   bash benchmarks/gpu/run_targets.sh            # then copy $OUT/gpu-targets-* into benchmarks/results/
+set -u
+OUT=${OUT:-/tmp/qlora_out}; mkdir -p "$OUT"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*" >> "$OUT/setup.txt"; }
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$OUT/setup.txt" 2>&1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-$PWD/.gpu_cache} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch,transformers,peft,trl,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,trl.__version__,b.__version__)"
+} >> "$OUT/setup.txt" 2>&1
+stamp "installed"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/pytest_gpu.txt" 2>&1
+  echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
+  stamp "gpu tests done"
+fi
+model="model=${MODEL:-llama-3.1-8b-arch}"
+res=/tmp/qlora_results; mkdir -p "$res"
+common=("$model" "bench.methods=[qlora]" "bench.results_dir=$res" bench.timeout_s=170)
+variants='+bench.variants={offload:["offload_activations=true"],compiled:["compile=layers"]}'
+phase() {  # name timeout args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m qlora_lab bench "${common[@]}" "bench.name=$name" "hydra.run.dir=/tmp/qlora_work/$name" "$@" \
+    > "$res/$name.log" 2>&1
+  echo "$name exit $?" >> "$res/$name.log"; stamp "$name done"
+  tar czf "$OUT/phases.tgz" -C "$res" . 2>/dev/null
+}
+for p in ${PHASES:-budget24 maxseq24 mfu4096 maxseq12}; do
+  case $p in
+    budget24) phase budget24 200 "bench.seq_lens=[2048]" "bench.batch_sizes=[4]" bench.memory_budget_gb=24 \
+                bench.steps=4 bench.warmup_steps=2 "$variants" ;;
+    maxseq24) phase maxseq24 200 bench.max_seq=true "bench.batch_sizes=[1]" bench.memory_budget_gb=24 \
+                "bench.seq_lens=[16384]" bench.max_seq_limit=131072 bench.max_seq_step=8192 ;;
+    mfu4096)  phase mfu4096 120 "bench.seq_lens=[4096]" "bench.batch_sizes=[2]" "bench.recipes=[qlora_lab]" \
+                bench.steps=4 bench.warmup_steps=2 '+bench.variants={compiled:["compile=layers"]}' ;;
+    maxseq12) phase maxseq12 120 bench.max_seq=true "bench.batch_sizes=[1]" bench.memory_budget_gb=12 \
+                "bench.seq_lens=[4096]" bench.max_seq_limit=65536 bench.max_seq_step=2048 ;;
+  esac
+done
+python3 benchmarks/gpu/targets.py --runs "$res" --out "$OUT" > "$OUT/targets.log" 2>&1
+tail -4 "$OUT/pytest_gpu.txt" 2>/dev/null; grep -v "^ *$" "$OUT/setup.txt" | tail -8; cat "$OUT/targets.log"
