@@ -395,7 +395,8 @@ class BenchConfig:
     max_seq: bool = False
     """Instead of the matrix: for every (method, batch size, recipe), the longest sequence whose training step fits
     (on CUDA: the card, or memory_budget_gb; on CPU memory_budget_gb is required). Probes rows of exactly that many
-    tokens, doubling from seq_lens[0] up to max_seq_limit, then bisecting to max_seq_step tokens; each probe is
+    tokens, from seq_lens[0] doubling while it fits (up to max_seq_limit) or halving while it does not, then
+    bisecting to max_seq_step tokens; each probe is
     one step in a fresh process. Writes <name>.{json,md} with every probe."""
     max_seq_limit: int = 131072
     """The longest sequence bench.max_seq probes."""

@@ -4,9 +4,9 @@
         bench.memory_budget_gb=24 bench.seq_lens=[8192]
 
 For every (method, batch size, recipe): probes of one training step on rows of exactly L tokens, each in a fresh
-worker process (as the matrix's configurations: bench/worker.py), L doubling from seq_lens[0] until a probe does
-not fit or max_seq_limit is reached, then bisecting between the longest fit and the shortest failure until they
-are max_seq_step tokens apart. A probe fits when its step completed inside the budget: on CUDA the worker's memory
+worker process (as the matrix's configurations: bench/worker.py), L doubling from seq_lens[0] while it fits (up to
+max_seq_limit) or halving while it does not (down to max_seq_step), then bisecting between the longest fit and the
+shortest failure until they are max_seq_step tokens apart. A probe fits when its step completed inside the budget: on CUDA the worker's memory
 is capped at memory_budget_gb (else the card), so an over-budget step fails with out-of-memory; on CPU the step's
 training memory (peak RSS above the imports) is compared with memory_budget_gb. A probe that fails for another
 reason stops that search and is reported, never read as "does not fit".
@@ -31,24 +31,25 @@ log = logging.getLogger(__name__)
 
 
 def longest(probe: Callable[[int], bool | None], start: int, limit: int, step: int) -> tuple[int | None, str]:
-    """The longest length that ``probe`` says fits: doubling from ``start`` (capped at ``limit``), then bisecting on
-    multiples of ``step`` until the longest fit and the shortest failure are ``step`` apart. ``probe(L)``: True
-    fits, False does not, None failed for another reason (the search stops there). Returns (length or None when not
-    even ``start`` fits, why the search stopped)."""
+    """The longest length that ``probe`` says fits: from ``start``, doubling while it fits (capped at ``limit``) or
+    halving while it does not (down to ``step``), then bisecting on multiples of ``step`` until the longest fit and
+    the shortest failure are ``step`` apart. ``probe(L)``: True fits, False does not, None failed for another reason
+    (the search stops there). Returns (length, or None when not even ``step`` tokens fit; why the search stopped)."""
     fit, fail, length = None, None, start
-    while True:
+    while fit is None or fail is None:
         ok = probe(length)
         if ok is None:
             return fit, f"a probe at {length} tokens failed for another reason than memory"
-        if not ok:
+        if ok:
+            fit = length
+            if fail is None and length >= limit:
+                return fit, f"fits at bench.max_seq_limit={limit}"
+            length = min(2 * length, limit)
+        else:
             fail = length
-            break
-        fit = length
-        if length >= limit:
-            return fit, f"fits at bench.max_seq_limit={limit}"
-        length = min(2 * length, limit)
-    if fit is None:
-        return None, f"{start} tokens (the first probe) do not fit"
+            if fit is None and length <= step:
+                return None, f"{length} tokens do not fit"
+            length = max(length // 2, step)
     while fail - fit > step:
         mid = (fit + fail) // 2 // step * step
         if mid <= fit:
@@ -132,7 +133,7 @@ def markdown(out: dict[str, Any]) -> str:
     budget = f"{b['memory_budget_gb']:g} GiB" if b["memory_budget_gb"] else "the whole card"
     lines = [f"# qlora-lab bench — longest trainable sequence, {out['model']} on {where}, {out['date']}", "",
              f"Budget: {budget} (MiB used: CUDA peak reserved; CPU peak RSS above the imports). One training step per probe on rows of exactly the probed length, each in a fresh "
-             f"process; doubling from {b['seq_lens'][0]} up to {b['max_seq_limit']}, then bisecting to "
+             f"process; from {b['seq_lens'][0]} doubling (up to {b['max_seq_limit']}) or halving, then bisecting to "
              f"{b['max_seq_step']} tokens.", "",
              "| method | batch | recipe | longest seq | stopped | probes (tokens: MiB used, fits) |", "|---|---|---|---|---|---|"]
     for s in out["searches"]:
