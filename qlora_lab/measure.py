@@ -37,10 +37,14 @@ def limit_cuda_memory(budget_gb) -> float | None:
     """Cap this process's CUDA memory at ``budget_gb`` GiB (a number; "auto" or None: no cap) with
     ``torch.cuda.set_per_process_memory_fraction``, so that a run or a bench on a large card fails where the smaller
     card would (the caching allocator raises OutOfMemoryError past the fraction). Returns the fraction set, or None
-    (no CUDA, or no number). The device is this process's: LOCAL_RANK under torchrun/accelerate, else 0."""
-    if not isinstance(budget_gb, (int, float)) or isinstance(budget_gb, bool) or not torch.cuda.is_available():
+    (no CUDA, or no number: then any earlier cap of this process is lifted, so that a sweep's jobs sharing one
+    process do not inherit it). The device is this process's: LOCAL_RANK under torchrun/accelerate, else 0."""
+    if not torch.cuda.is_available():
         return None
     device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+    if not isinstance(budget_gb, (int, float)) or isinstance(budget_gb, bool):
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return None
     total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
     fraction = min(1.0, float(budget_gb) / total_gb)
     torch.cuda.set_per_process_memory_fraction(fraction, device)

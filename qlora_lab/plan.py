@@ -420,7 +420,8 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
         if est is not None and est <= budget:
             return n, "budget", offload, est, unchecked, budget
     every = gib(1.0)
-    if every is not None and every > budget and asked_offload == "auto" and can_offload:
+    # auto offloads SFT only: the preference trainers (objectives.py) do not take the budget's checkpointing either
+    if every is not None and every > budget and asked_offload == "auto" and can_offload and cfg.objective.name == "sft":
         offloaded = gib(1.0, True)
         notes.append(f"memory_budget_gb={budget}: every layer checkpointed is still {every:.2f} GiB; activations "
                      f"offloaded to host memory ({offloaded:.2f} GiB)")

@@ -58,6 +58,7 @@ def test_the_budget_plan_offloads_only_when_every_layer_checkpointed_still_does_
     assert any("activations offloaded to host memory" in n for n in tight.notes)
     assert "activations offloaded to host" in plan.describe(tight)
     assert tight.resolved()["offload_activations"] is True
+    assert planned(0.001, "objective=dpo").offload_activations is False  # auto: SFT only
     # asked off: the budget cannot be met, every layer is checkpointed, nothing offloaded
     assert planned(est["every"] * 0.9999, "offload_activations=false").offload_activations is False
     # asked on: on, whatever the budget (no budget: no checkpointing)
@@ -90,11 +91,11 @@ def test_a_numeric_budget_caps_the_processs_cuda_memory(monkeypatch):
     assert measure.limit_cuda_memory(24) == pytest.approx(0.3)
     assert calls == [(pytest.approx(0.3), 1)]
     assert measure.limit_cuda_memory(200) == 1.0  # a budget above the card: the whole card
-    for no_cap in ("auto", None, True):
+    for no_cap in ("auto", None, True):  # no cap, and an earlier one lifted (a sweep's jobs share a process)
         assert measure.limit_cuda_memory(no_cap) is None
-    assert len(calls) == 2
+    assert calls[2:] == [(1.0, 1)] * 3
     monkeypatch.setattr(fake, "is_available", lambda: False)
-    assert measure.limit_cuda_memory(24) is None
+    assert measure.limit_cuda_memory(24) is None and len(calls) == 5
 
 
 def _cpu_offloader(packed: list[bool]):
