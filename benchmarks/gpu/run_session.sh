@@ -7,27 +7,7 @@
 # Carry: .whl (../shared/device/fetch-wheels.sh liger-kernel==0.8.5) and .gpu_cache (a copy of the tiny-random
 # cache folder). Every configuration also profiles 2 steps after the measured ones (where the GPU time goes: MFU,
 # Liger's slow steps). Knobs: MODEL SEQ BATCH STEPS WARMUP PROFILE TEST_TIMEOUT BENCH_TIMEOUT; SKIP_INSTALL=1 where the stack is there.
-set -u
-OUT=${OUT:-/tmp/qlora_out}; mkdir -p "$OUT"
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" >> "$OUT/setup.txt"; }
-if [ -z "${SKIP_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$OUT/setup.txt" 2>&1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-$PWD/.gpu_cache} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch,transformers,peft,trl,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,trl.__version__,b.__version__)"
-  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
-} >> "$OUT/setup.txt" 2>&1
-stamp "installed"
-
-if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/pytest_gpu.txt" 2>&1
-  echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
-  stamp "gpu tests done"
-fi
+. benchmarks/gpu/setup.sh  # install, environment, versions, GPU-gated tests
 # the variants: this script's arguments (Hydra overrides) or, by default, the levers not yet measured on a GPU (the
 # CPU defaults lean kernels + recomputed dropout) and every layer checkpointed
 [ $# -gt 0 ] || set -- '+bench.variants.lean=["kernels=lean","adapter.dropout_impl=recompute"]' \

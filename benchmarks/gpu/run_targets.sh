@@ -14,25 +14,8 @@
 # run cut short keeps what it measured). PHASES picks and orders them (default: budget24 maxseq24); SKIP_TESTS=1 skips the tests; SKIP_INSTALL=1
 # where the stack is installed. Carry: .whl (../shared/device/fetch-wheels.sh) and .gpu_cache (the tiny-random cache).
 #   bash benchmarks/gpu/run_targets.sh            # then copy $OUT/gpu-targets-* into benchmarks/results/
-set -u
-OUT=${OUT:-/tmp/qlora_out}; mkdir -p "$OUT"
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" >> "$OUT/setup.txt"; }
-if [ -z "${SKIP_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$OUT/setup.txt" 2>&1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export QLORA_LAB_CACHE=${QLORA_LAB_CACHE:-$PWD/.gpu_cache} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch,transformers,peft,trl,bitsandbytes as b;print(torch.__version__,transformers.__version__,peft.__version__,trl.__version__,b.__version__)"
-} >> "$OUT/setup.txt" 2>&1
-stamp "installed"
-if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$OUT/pytest_gpu.txt" 2>&1
-  echo "pytest exit $?" >> "$OUT/pytest_gpu.txt"
-  stamp "gpu tests done"
-fi
+TEST_TIMEOUT=${TEST_TIMEOUT:-90}
+. benchmarks/gpu/setup.sh  # install, environment, versions, GPU-gated tests
 model="model=${MODEL:-llama-3.1-8b-arch}"
 res=/tmp/qlora_results; mkdir -p "$res"
 common=("$model" "bench.methods=[qlora]" "bench.results_dir=$res" bench.timeout_s=170)
