@@ -298,11 +298,13 @@ class TrainRunConfig:
     estimate computes them). Over budget, every n-th decoder layer is checkpointed (recomputed in backward), with
     the largest n that fits, then every layer with offload_activations (auto). "auto" = 90% of the GPU's memory on
     CUDA, no budget on CPU; null = no budget (trainer.gradient_checkpointing alone decides). A number is also
-    enforced on CUDA (torch.cuda.set_per_process_memory_fraction): a 24 on an 80 GB card runs as a 24 GB card
-    would, out-of-memory error included."""
+    enforced on CUDA (torch.cuda.set_per_process_memory_fraction): a 24 on an 80 GB card runs about as a 24 GB card
+    would, out-of-memory error included (the cap covers PyTorch's caching allocator, not the CUDA context's few
+    hundred MiB)."""
     offload_activations: Any = "auto"
     """Activation offloading to host memory (TRL's `activation_offloading`: torchtune's OffloadActivations, which
-    copies every saved activation but the LM head's to pinned host memory on a side CUDA stream and brings it back
+    copies every saved activation but the LM head's (loss=selective's chunked logits are computed outside it and
+    may be offloaded too) to pinned host memory on a side CUDA stream and brings it back
     ahead of its backward): true, false, or "auto" = on only where the memory budget is still exceeded with every
     decoder layer checkpointed. CUDA only: on CPU the activations are in host memory already (true is turned off,
     with a note in the plan)."""
@@ -318,8 +320,10 @@ class TrainRunConfig:
     compile: str = "none"
     """Regional torch.compile: "layers" compiles each decoder layer (one compiled graph reused by every layer, so
     warm-up is one layer's compile, not the model's; bitsandbytes 4-bit ops are torch custom ops that compile keeps
-    whole), "none" runs eagerly. SFT only. Measured on 2 CPU cores (SmolLM2-135M, seq 256, batch 8; README): less
-    memory than eager but not faster than kernels=lean, after ~100 s of compiling; not yet measured on a GPU."""
+    whole; adapter.dropout_impl=auto takes torch's dropout, which compiles into the graph, where FastDropout's seeded
+    generator would break it), "none" runs eagerly. SFT only. Measured on 2 CPU cores (SmolLM2-135M, seq 256, batch
+    8; benchmarks/README.md): not faster than the eager lean kernels, after ~1 minute of compiling; not yet measured
+    on a GPU."""
     kernels: str = "auto"
     """Decoder-layer kernels (qlora_lab/cpu/kernels.py):
       "lean"  — PyTorch RMSNorm and SwiGLU computing the same values as transformers' modules but keeping less

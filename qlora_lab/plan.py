@@ -189,13 +189,17 @@ def make(cfg: DictConfig, machine: Machine, model_config, shape: tuple[int, floa
     if objective == "sft":
         loss = _loss(cfg, model_config, notes)
         kernels = _kernels(cfg.kernels, model_config, machine, notes)
-        dropout = _dropout(cfg.adapter, machine)
+        dropout = _dropout(cfg.adapter, machine, cfg.get("compile", "none"), notes)
     else:  # TRL's preference trainers compute their own loss, without SFTTrainer's levers (objectives.py)
         loss, kernels, dropout = objective, "none", "torch"
         notes.append(f"objective={objective}: TRL's {objective.upper()} loss; the SFT levers (loss path, lean "
                      "kernels, fast dropout, length grouping) do not apply")
     every, by, offload, est, unchecked, budget = _checkpointing(cfg, machine, model_config, shape, loss, kernels,
                                                                 dropout, skip, r or 0, counts, notes)
+    if offload and dropout == "recompute":
+        # recompute's saved-tensor hooks would sit inside the offloader's and take every saved tensor from it
+        notes.append("adapter.dropout_impl=recompute: fast instead — offloaded activations need no recomputed copies")
+        dropout = "fast"
     return Plan(
         machine=machine, model_type=model_type, model_dtype=dtype, compute_dtype=compute, quant_storage=storage,
         skip_modules=tuple(skip), lora_r=r, lora_alpha=alpha,
@@ -354,14 +358,21 @@ def _compile(asked: str, objective: str, notes: list[str]) -> str:
     return asked
 
 
-def _dropout(adapter: DictConfig, machine: Machine) -> str:
+def _dropout(adapter: DictConfig, machine: Machine, compile_: str = "none", notes: list[str] | None = None) -> str:
     """adapter.dropout_impl=auto: recompute on CPU (dropout's random draws were ~28% of a QLoRA step there), torch on
-    CUDA (its fused dropout is cheap). Only LoRA with dropout > 0 has dropout modules to swap."""
+    CUDA (its fused dropout is cheap), and torch under compile=layers (FastDropout's seeded generator breaks the
+    compiled graph at every LoRA dropout: 64 graph breaks in 3 tiny-model steps, none with torch's). Only LoRA with
+    dropout > 0 has dropout modules to swap."""
     if adapter.method != "lora" or adapter.dropout == 0:
         return "torch"
     impl = adapter.get("dropout_impl", "torch")
     if impl == "auto":
+        if compile_ == "layers":
+            return "torch"
         return "recompute" if machine.device == "cpu" else "torch"
+    if compile_ == "layers" and impl in ("fast", "recompute") and notes is not None:
+        notes.append(f"adapter.dropout_impl={impl} under compile=layers: each LoRA dropout breaks the compiled graph "
+                     "(its seeded generator); dropout_impl=auto takes torch's there")
     return impl
 
 
@@ -406,8 +417,9 @@ def _checkpointing(cfg, machine: Machine, model_config, shape, loss: str, kernel
     unchecked = gib(0.0, False)
     if t.get("activation_checkpointing") or t.get("gradient_checkpointing"):
         return 1, "trainer", offload, gib(1.0), unchecked, budget
-    if budget is None or unchecked is None or unchecked <= budget or layers == 0:
-        return 0, "none", offload, gib(0.0), unchecked, budget
+    as_asked = gib(0.0)  # offload_activations=true already moves the activations off the device
+    if budget is None or as_asked is None or as_asked <= budget or layers == 0:
+        return 0, "none", offload, as_asked, unchecked, budget
     if cfg.adapter.method == "prefix":  # peft's prefix tuning breaks under activation checkpointing
         notes.append(f"memory_budget_gb={budget}: estimated {unchecked:.2f} GiB, but adapter=prefix cannot use "
                      "activation checkpointing")

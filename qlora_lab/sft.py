@@ -248,7 +248,10 @@ class QloraSFTTrainer(DivergenceGuard, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._recompute_dropout is None:  # known once cpu.dropout.use_dropout_impl has run (after __init__)
-            self._recompute_dropout = not self.args.torch_compile and any(
+            # not under TRL's activation offloading: these saved-tensor hooks, entered inside its own, would take every
+            # saved tensor from it (only the innermost hooks run); FastDropout then keeps its output (as "fast")
+            self._recompute_dropout = not self.args.torch_compile and not getattr(
+                self.args, "activation_offloading", False) and any(
                 isinstance(m, FastDropout) and m.recompute for m in model.modules())
         with recompute_dropout_outputs() if self._recompute_dropout else nullcontext():
             return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -103,8 +103,9 @@ def build_trainer(cfg: DictConfig, plan: Plan, model, tokenizer, train_ds, eval_
 def compile_layers(model) -> int:
     """torch.compile each decoder layer in place (nn.Module.compile) — regional compilation: the layers share their
     code, so one graph (recompiled for new shapes) serves all; the loss, the LM head and the optimizer stay eager.
-    The decoder layers are transformers' GradientCheckpointingLayer subclasses, so activation checkpointing keeps
-    working around them. Returns how many were compiled."""
+    The decoder layers are transformers' GradientCheckpointingLayer subclasses, whose checkpoint call is inside
+    their forward (transformers 5.x), so with checkpointing on it is compiled with the layer (dynamo traces
+    torch.utils.checkpoint; tests/test_compile.py runs both). Returns how many were compiled."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -347,7 +347,7 @@ def validate(cfg: DictConfig) -> None:
     if not (budget is None or budget == "auto" or (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                                     and budget > 0)):
         p.append(f"memory_budget_gb={budget!r}: give a positive number of GiB, 'auto' (90% of the GPU) or null.")
-    if cfg.offload_activations not in (True, False, "auto"):
+    if not (isinstance(cfg.offload_activations, bool) or cfg.offload_activations == "auto"):
         p.append(f"offload_activations={cfg.offload_activations!r}: give true, false or auto (on only where the memory "
                  "budget is exceeded with every layer checkpointed).")
     if cfg.max_nonfinite_steps < 0:

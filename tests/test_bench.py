@@ -167,6 +167,8 @@ def test_heldout_rows_are_encoded_as_training_encodes_a_chat_row():
     (10**9, 512, 3000, 256, 3000, "fits at bench.max_seq_limit=3000"),  # the limit itself is probed once
     (100, 512, 4096, 256, None, "256 tokens do not fit"),          # halving down to the step
     (3000, 16384, 131072, 1024, 2048, "3072 tokens do not fit"),  # halving 16384 -> 2048, then bisecting
+    (5500, 3000, 131072, 1024, 5120, "6000 tokens do not fit"),    # a start that is no multiple of the step
+    (2700, 512, 3000, 256, 2560, "2816 tokens do not fit"),        # nor the limit
     (512, 512, 4096, 256, 512, "768 tokens do not fit"),
 ])
 def test_max_seq_search_doubles_then_bisects_to_the_step(threshold, start, limit, step, expected, stop):

@@ -1,8 +1,9 @@
 """Budget mode and activation offloading: the plan's choice, the CUDA cap, and exact behaviour with the lever on.
 
 Offloading is TRL's (torchtune's OffloadActivations). It runs only on an accelerator; on CPU the tests build it
-with the CPU standing in for the device, so every saved activation it takes is copied to a separate host buffer
-in forward and back in backward — the same pack/unpack path, whose result must equal training without it.
+with the CPU standing in for the device and without its side stream (TRL's single-stream path; the stream path
+needs CUDA: the GPU-gated test), so every saved activation it takes is copied to a separate host buffer in forward
+and read from there in backward — whose result must equal training without it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def test_the_budget_plan_offloads_only_when_every_layer_checkpointed_still_does_
     assert "activations offloaded to host" in plan.describe(tight)
     assert tight.resolved()["offload_activations"] is True
     assert planned(0.001, "objective=dpo").offload_activations is False  # auto: SFT only
+    # recompute dropout's saved-tensor hooks would take the saved tensors from the offloader: fast instead, said
+    recomputed = planned(_estimates(model_config, dropout="recompute")["every"] * 0.9999,
+                         "adapter.dropout_impl=recompute")
+    assert (recomputed.offload_activations, recomputed.dropout_impl) == (True, "fast")
+    assert any("dropout_impl=recompute: fast instead" in n for n in recomputed.notes)
+    # asked on with a budget the offloaded step fits: no checkpointing on top
+    assert planned(est["offload"] * 1.01, "offload_activations=true").checkpoint_every == 0
     # asked off: the budget cannot be met, every layer is checkpointed, nothing offloaded
     assert planned(est["every"] * 0.9999, "offload_activations=false").offload_activations is False
     # asked on: on, whatever the budget (no budget: no checkpointing)
@@ -77,6 +85,8 @@ def test_offload_activations_takes_true_false_or_auto():
 
     with pytest.raises(ConfigError, match=r"offload_activations='yes': give true, false or auto"):
         validate(compose_train([*TINY, "offload_activations=yes"]))
+    with pytest.raises(ConfigError, match=r"offload_activations=1: give true, false or auto"):
+        validate(compose_train([*TINY, "offload_activations=1"]))  # 1 == True in Python; not a switch here
     for ok in ("true", "false", "auto"):
         validate(compose_train([*TINY, f"offload_activations={ok}"]))
 
@@ -128,13 +138,15 @@ def _cpu_offloader(packed: list[bool]):
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_offloaded_activations_train_exactly_as_kept_ones(tmp_path, captured, monkeypatch, checkpointing):
     """The same losses and the same adapter after 3 steps with TRL's offloading on (every checkpointed layer input
-    and saved activation copied out and back) as without — through train(), with the default 4-bit base, the
-    selective loss and the lean kernels."""
+    and saved activation copied out) as without — through train(), with the default 4-bit base, the selective
+    loss, the lean kernels and LoRA dropout."""
     from trl.trainer import sft_trainer
 
     from qlora_lab import train as train_mod
 
-    exact = ["model.dtype=float32", "quant.compute_dtype=float32", "trainer.bf16=false", "adapter.dropout=0",
+    # LoRA dropout kept (0.05, the CPU plan's recomputed FastDropout): its seeded draws are the same with offloading,
+    # and its own saved-tensor hooks must stand aside for the offloader's (sft.py), or nothing would be offloaded
+    exact = ["model.dtype=float32", "quant.compute_dtype=float32", "trainer.bf16=false",
              "score_before=false", "data.task_eval_samples=0", "trainer.save_strategy=no", "memory_budget_gb=null",
              f"trainer.gradient_checkpointing={str(checkpointing).lower()}"]
     real_make = plan.make
@@ -160,21 +172,37 @@ def test_offloaded_activations_train_exactly_as_kept_ones(tmp_path, captured, mo
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_offloading_lowers_peak_memory_and_the_budget_cap_raises_oom(tmp_path):
-    """On CUDA: the tiny model at a long sequence, every layer checkpointed, with and without offloading — the same
-    first loss, less peak allocated memory; and a 1 GiB cap makes a 2 GiB allocation fail."""
-    from qlora_lab import train as train_mod
+def test_on_a_gpu_offloading_moves_activations_to_the_host_and_the_budget_cap_raises_oom():
+    """On CUDA, TRL's offloading as train() enters it (streams, pinned memory): a 4-layer Llama whose saved
+    activations dominate (seq 4096, batch 4, hidden 512), one forward and backward with and without — the same loss
+    and gradients, and under half the peak allocated memory; then a 1 GiB cap makes a 2 GiB allocation fail."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
-    base = [*TINY, "trainer.max_steps=2", "trainer.max_length=2048", "score_before=false",
-            "data.task_eval_samples=0", "trainer.save_strategy=no", "memory_budget_gb=null",
-            "trainer.gradient_checkpointing=true", "adapter.dropout=0"]
-    peaks, losses = {}, {}
-    for offload in ("false", "true"):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=1024)
+    model = LlamaForCausalLM(config).cuda().train()
+    ids = torch.randint(0, 1024, (4, 4096), device="cuda")
+    results = {}
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        metrics = train_mod.train(compose_train([*base, f"offload_activations={offload}"], tmp_path / offload))
-        peaks[offload], losses[offload] = torch.cuda.max_memory_allocated(), metrics["train_loss"]
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
-    assert peaks["true"] < peaks["false"]
+        base = torch.cuda.memory_allocated()
+        ctx = get_act_offloading_ctx_manager(model) if offload else torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t)
+        with ctx:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        results[offload] = (loss.item(), [p.grad.clone() for p in model.parameters()],
+                            torch.cuda.max_memory_allocated() - base)
+    (loss, grads, peak), (off_loss, off_grads, off_peak) = results[False], results[True]
+    assert off_loss == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(grads, off_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert off_peak < 0.5 * peak, (off_peak, peak)
     try:
         measure.limit_cuda_memory(1)
         with pytest.raises(torch.OutOfMemoryError):

@@ -25,7 +25,8 @@ phase() {  # name timeout args...
   timeout "$limit" python3 -m qlora_lab bench "${common[@]}" "bench.name=$name" "hydra.run.dir=/tmp/qlora_work/$name" "$@" \
     > "$res/$name.log" 2>&1
   echo "$name exit $?" >> "$res/$name.log"; stamp "$name done"
-  tar czf "$OUT/phases.tgz" -C "$res" . 2>/dev/null
+  # the results and every worker's log (failed probes' tracebacks), not the rows
+  tar czf "$OUT/phases.tgz" --exclude='*.jsonl' -C /tmp qlora_results qlora_work 2>/dev/null
 }
 for p in ${PHASES:-budget24 maxseq24}; do
   case $p in
@@ -38,6 +39,7 @@ for p in ${PHASES:-budget24 maxseq24}; do
                 '+bench.variants={compiled:["compile=layers"],padding_free:["batching=padding_free"]}' ;;
     maxseq12) phase maxseq12 200 bench.max_seq=true "bench.batch_sizes=[1]" bench.memory_budget_gb=12 \
                 "bench.seq_lens=[4096]" bench.max_seq_limit=65536 bench.max_seq_step=2048 ;;
+    *) echo "unknown phase '$p' (budget24 maxseq24 mfu4096 maxseq12)" | tee -a "$OUT/setup.txt" ;;
   esac
 done
 python3 benchmarks/gpu/targets.py --runs "$res" --out "$OUT" > "$OUT/targets.log" 2>&1

@@ -88,7 +88,7 @@ def compose(runs: Path) -> dict[str, Any]:
             machine = machine or out["machine"]
             entry.update(readers[phase](out))
             value = entry.get("measured")
-            entry["met"] = None if value is None else value >= target
+            entry["met"] = value is not None and value >= target  # ran: a failure or nothing found is not met
         targets[name] = entry
     card = (machine or {}).get("gpu", "unknown-gpu")
     return {"card": card, "machine": machine, "date": dt.date.today().isoformat(), "targets": targets}
@@ -102,6 +102,8 @@ def markdown(res: dict[str, Any]) -> str:
     for name, t in res["targets"].items():
         plain = t.get("plain_tokens_per_s") or t.get("plain_mfu") or t.get("plain")
         met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
+        if t["met"] is False and t.get("measured") is None:
+            met = "no (ran, no value: see the phase's log)"
         variants = ", ".join(f"{k.removeprefix('qlora_lab:')} {v}" for k, v in (t.get("variants") or {}).items())
         lines.append(f"| {t['what']} | {t['target']} | {t.get('measured')} | {plain} | {met} | {variants} |")
     return "\n".join(lines) + "\n"

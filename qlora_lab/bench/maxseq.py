@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def longest(probe: Callable[[int], bool | None], start: int, limit: int, step: int) -> tuple[int | None, str]:
     """The longest length that ``probe`` says fits: from ``start``, doubling while it fits (capped at ``limit``) or
-    halving while it does not (down to ``step``), then bisecting on multiples of ``step`` until the longest fit and
-    the shortest failure are ``step`` apart. ``probe(L)``: True fits, False does not, None failed for another reason
+    halving while it does not (down to ``step``), then bisecting on the multiples of ``step`` between the longest fit
+    and the shortest failure until none is left (they are then at most ``step`` apart where both are multiples). ``probe(L)``: True fits, False does not, None failed for another reason
     (the search stops there). Returns (length, or None when not even ``step`` tokens fit; why the search stopped)."""
     fit, fail, length = None, None, start
     while fit is None or fail is None:
@@ -50,10 +50,11 @@ def longest(probe: Callable[[int], bool | None], start: int, limit: int, step: i
             if fit is None and length <= step:
                 return None, f"{length} tokens do not fit"
             length = max(length // 2, step)
-    while fail - fit > step:
-        mid = (fit + fail) // 2 // step * step
-        if mid <= fit:
+    while True:  # the multiples of step strictly between fit and fail (start and limit need not be multiples)
+        low, high = fit // step + 1, -(-fail // step) - 1
+        if low > high:
             break
+        mid = (low + high) // 2 * step
         ok = probe(mid)
         if ok is None:
             return fit, f"a probe at {mid} tokens failed for another reason than memory"
@@ -70,10 +71,12 @@ def fits(result: dict[str, Any]) -> bool | None:
 
 def search_all(cfg: DictConfig, work: Path, model_path: str | None, info: dict[str, Any], runs_here: bool,
                run_one: Callable, write_rows: Callable) -> dict[str, Any]:
-    """Every (method, batch, recipe)'s search; writes <name>.{json,md} after each (an interrupted run keeps them)."""
+    """Every (method, batch, recipe)'s search; writes <name>.{json,md} after every probe (an interrupted run keeps
+    what it probed)."""
     b = cfg.bench
     recipes = [*b.recipes, *(f"qlora_lab:{name}" for name in b.variants)]
     written: set[int] = set()
+    rows_per_file = 2 * max(b.batch_sizes)  # one file per length, shared by every batch size's probes
     searches: list[dict[str, Any]] = []
     for method, batch, recipe in itertools.product(b.methods, b.batch_sizes, recipes):
         row: dict[str, Any] = {"model": cfg.model.name_or_path, "method": method, "recipe": recipe, "batch": batch}
@@ -82,11 +85,13 @@ def search_all(cfg: DictConfig, work: Path, model_path: str | None, info: dict[s
                                                                   "benchmarked on a GPU (no CUDA device here)"})
             continue
         probes: list[dict[str, Any]] = []
+        search = {**row, "status": "running", "max_seq": None, "stopped": None, "probes": probes}
+        searches.append(search)
         bar = tqdm(desc=f"max seq {method} {recipe} batch {batch}", unit="probe")
 
         def probe(length: int) -> bool | None:
             if length not in written:
-                write_rows(work, model_path, length, batch * 2, full=True)
+                write_rows(work, model_path, length, rows_per_file, full=True)
                 written.add(length)
             result = run_one(cfg, work, model_path, {**row, "seq_len": length}, probe=True)
             ok = fits(result)
@@ -95,11 +100,12 @@ def search_all(cfg: DictConfig, work: Path, model_path: str | None, info: dict[s
                            **({"error": result["error"]} if result.get("error") else {})})
             bar.update()
             bar.set_postfix_str(f"{length} tokens: {'fits' if ok else 'does not fit' if ok is False else 'failed'}")
+            _write(cfg, info, searches)  # after every probe: a search cut short keeps its probes
             return ok
 
         best, why = longest(probe, b.seq_lens[0], b.max_seq_limit, b.max_seq_step)
         bar.close()
-        searches.append({**row, "status": "completed", "max_seq": best, "stopped": why, "probes": probes})
+        search.update(status="completed", max_seq=best, stopped=why)
         tqdm.write(f"{method} {recipe} batch {batch}: longest {best} tokens ({why})")
         _write(cfg, info, searches)
     return _write(cfg, info, searches)
@@ -107,7 +113,7 @@ def search_all(cfg: DictConfig, work: Path, model_path: str | None, info: dict[s
 
 def ratios(searches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """qlora_lab's longest / the plain recipe's, per (method, batch), where both found one."""
-    done = {(s["method"], s["batch"], s["recipe"]): s for s in searches if s.get("max_seq")}
+    done = {(s["method"], s["batch"], s["recipe"]): s for s in searches if s["status"] == "completed" and s.get("max_seq")}
     return [{"method": m, "batch": b, "recipe": r, "max_seq_ratio": round(s["max_seq"] / plain["max_seq"], 2)}
             for (m, b, r), s in done.items() if r.startswith("qlora_lab") and (plain := done.get((m, b, "plain")))]
 
@@ -137,12 +143,13 @@ def markdown(out: dict[str, Any]) -> str:
              f"{b['max_seq_step']} tokens.", "",
              "| method | batch | recipe | longest seq | stopped | probes (tokens: MiB used, fits) |", "|---|---|---|---|---|---|"]
     for s in out["searches"]:
-        if s["status"] != "completed":
+        if s["status"] == "skipped":
             lines.append(f"| {s['method']} | {s['batch']} | {s['recipe']} | {s['status']}: {s.get('note')} | | |")
             continue
         probes = ", ".join(f"{p['seq_len']}: {p['used_mb'] or 0:,.0f} {'yes' if p['fits'] else 'no' if p['fits'] is False else 'error'}"
                            for p in s["probes"])
-        lines.append(f"| {s['method']} | {s['batch']} | {s['recipe']} | {s['max_seq'] or '-'} | {s['stopped']} | "
+        lines.append(f"| {s['method']} | {s['batch']} | {s['recipe']} | {s['max_seq'] or '-'} | "
+                     f"{s['stopped'] or 'searching (or cut short)'} | "
                      f"{probes} |")
     errors = [(s, p) for s in out["searches"] for p in s.get("probes", []) if p.get("error")]
     if errors:

@@ -232,9 +232,11 @@ def run(spec: dict) -> dict[str, Any]:
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_max_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     result["peak_rss_mb"] = _rss_mb("VmHWM")  # training's peak: scoring below is not in it
+    # the memory a budget is compared with: CUDA peak reserved, else peak RSS above the imports
+    used = result.get("cuda_max_reserved_mb") or result["peak_rss_mb"] - result["rss_after_imports_mb"]
+    result["budget_used_mb"] = round(used, 1)
     if budget is not None:
-        used = result.get("cuda_max_reserved_mb") or result["peak_rss_mb"] - result["rss_after_imports_mb"]
-        result.update(budget_used_mb=round(used, 1), within_budget=used <= budget * 1024)
+        result["within_budget"] = used <= budget * 1024
     if spec.get("quality_rows"):
         result.update(quality(trainer, spec["quality_rows"]))
     result["status"] = "completed"
