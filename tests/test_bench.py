@@ -260,6 +260,8 @@ def test_gpu_targets_are_composed_from_the_phases_outputs_with_the_plain_recipe_
     (tmp_path / "maxseq24.json").write_text(json.dumps({"machine": machine, "searches": [
         {"recipe": "qlora_lab", "max_seq": 73728, "stopped": "81920 tokens do not fit"},
         {"recipe": "plain", "max_seq": 8192, "stopped": "16384 tokens do not fit"}]}))
+    (tmp_path / "maxseq12.json").write_text(json.dumps({"machine": machine, "searches": [  # ran, found nothing
+        {"recipe": "qlora_lab", "max_seq": None, "stopped": "2048 tokens do not fit"}]}))
     res = targets["compose"](tmp_path)
     t = res["targets"]
     assert res["card"] == "NVIDIA H200"
@@ -268,7 +270,8 @@ def test_gpu_targets_are_composed_from_the_phases_outputs_with_the_plain_recipe_
     assert t["speed_at_24gb"]["variants"] == {"qlora_lab:offload": 2.0}  # the failed variant has no ratio
     assert (t["longest_seq_at_24gb"]["measured"], t["longest_seq_at_24gb"]["plain"], t["longest_seq_at_24gb"]["met"]) \
         == (73728, 8192, True)
-    for missing in ("longest_seq_at_12gb", "mfu_seq4096"):
-        assert t[missing]["measured"] is None and t[missing]["met"] is None
+    assert t["mfu_seq4096"]["measured"] is None and t["mfu_seq4096"]["met"] is None  # did not run
+    assert t["longest_seq_at_12gb"]["measured"] is None and t["longest_seq_at_12gb"]["met"] is False  # ran, no fit
     table = targets["markdown"](res)
-    assert "| 2.0 | 2.14 | 1400.0 | yes |" in table and table.count("not measured") == 2
+    assert "| 2.0 | 2.14 | 1400.0 | yes |" in table and table.count("not measured") == 1
+    assert "no (ran, no value" in table
