@@ -320,10 +320,10 @@ class TrainRunConfig:
     compile: str = "none"
     """Regional torch.compile: "layers" compiles each decoder layer (one compiled graph reused by every layer, so
     warm-up is one layer's compile, not the model's; bitsandbytes 4-bit ops are torch custom ops that compile keeps
-    whole; adapter.dropout_impl=auto takes torch's dropout, which compiles into the graph, where FastDropout's seeded
-    generator would break it), "none" runs eagerly. SFT only. Measured on 2 CPU cores (SmolLM2-135M, seq 256, batch
-    8; benchmarks/README.md): not faster than the eager lean kernels, after ~1 minute of compiling; not yet measured
-    on a GPU."""
+    whole; the CPU's FastDropout breaks the graph at each LoRA dropout, which still measured faster there than
+    torch's dropout compiled whole), "none" runs eagerly. SFT only. Measured on 2 CPU cores (SmolLM2-135M, seq 256,
+    batch 8; benchmarks/README.md): 0.99-1.27x the eager default's tokens/s in three runs, after ~35-90 s of
+    compiling; not yet measured on a GPU."""
     kernels: str = "auto"
     """Decoder-layer kernels (qlora_lab/cpu/kernels.py):
       "lean"  — PyTorch RMSNorm and SwiGLU computing the same values as transformers' modules but keeping less
