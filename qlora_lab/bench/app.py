@@ -130,13 +130,12 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     work = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.get("output_dir"))
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
+    model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
     if b.max_seq:
         from qlora_lab.bench import maxseq
 
-        model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
         return maxseq.search_all(cfg, work, model_path, info, _runs_here(cfg), _run_one, _write_rows)
     peak, peak_source = peak_tflops(b.peak_tflops)
-    model_path = models.resolve_model_path(cfg.model.name_or_path) if _runs_here(cfg) else None
     rows_share: dict[int, float] = {}
     results: list[dict[str, Any]] = []
     recipes = [*b.recipes, *(f"qlora_lab:{name}" for name in b.variants)]
