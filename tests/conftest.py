@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,6 +71,43 @@ def captured(monkeypatch):
     monkeypatch.setattr(trainer_mod, "build_trainer", spy)
     monkeypatch.setattr(Trainer, "train", snapshot_then_train)
     return box
+
+
+@pytest.fixture
+def cli_here(capfd, monkeypatch):
+    """Run ``qlora-lab <args>`` through the CLI's own ``main`` in this process; a CompletedProcess as
+    ``tests.test_cli.run_cli`` returns. The same code path as the command line (argument checks, Hydra composition,
+    the command's error handling and exit code) without the ~7 s of imports a new process pays: for the tests of
+    bad input that stop before training. The process-level parts (the allocator's re-exec, a clean environment, the
+    hub kept offline) stay covered by the subprocess tests. Hydra's logging handlers and run config are undone after
+    each call so that no later test logs into this one's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from qlora_lab import cli
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        hydra_cfg = HydraConfig.instance().cfg
+        monkeypatch.setattr(sys, "argv", sys.argv[:])  # the CLI hands Hydra its overrides through sys.argv
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        capfd.readouterr()
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            for handler in root.handlers[:]:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+                    handler.close()
+            root.setLevel(level)
+            HydraConfig.instance().cfg = hydra_cfg
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["qlora-lab", *args], code, out, err)
+
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

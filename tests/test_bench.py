@@ -83,22 +83,21 @@ def test_preference_rows_run_beside_trls_plain_trainer(tmp_path):
     assert "| dpo | 160 | 2 | qlora_lab |" in (tmp_path / "prefs.md").read_text()
 
 
-@pytest.mark.integration  # a CLI process
-def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(tmp_path):
+@pytest.mark.integration  # the CLI's main in this process (no worker is started for a skipped row)
+def test_gpu_rows_are_skipped_with_a_note_on_a_cpu_machine(cli_here, tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = run_cli("bench", "model=llama-3.1-8b-arch", "bench.methods=[qlora]", "bench.seq_lens=[2048]",
+    proc = cli_here("bench", "model=llama-3.1-8b-arch", "bench.methods=[qlora]", "bench.seq_lens=[2048]",
                    f"bench.results_dir={tmp_path}", "bench.name=gpu", f"hydra.run.dir={tmp_path / 'work'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "gpu.json").read_text())["results"]
     assert {r["status"] for r in rows} == {"skipped"} and "GPU" in rows[0]["note"]
 
 
-@pytest.mark.integration  # a CLI process
-def test_bad_bench_settings_are_reported_together(tmp_path):
-    proc = run_cli("bench", "bench.methods=[qlorra]", "bench.seq_lens=[]", "bench.steps=0",
+def test_bad_bench_settings_are_reported_together(cli_here, tmp_path):
+    proc = cli_here("bench", "bench.methods=[qlorra]", "bench.seq_lens=[]", "bench.steps=0",
                    f"hydra.run.dir={tmp_path}")
     assert_clean_failure(proc, "bench.methods='qlorra'", "Did you mean 'qlora'?", "bench.seq_lens=[]",
                          "bench.steps=0", "3 problem(s)")

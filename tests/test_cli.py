@@ -39,10 +39,9 @@ def test_usage_and_unknown_command():
     assert_clean_failure(run_cli("trian"), "unknown command 'trian'")
 
 
-@pytest.mark.integration  # CLI processes
 @pytest.mark.parametrize("command, field", [("merge", "check_prompts: 4"), ("chat", "max_new_tokens")])
-def test_merge_and_chat_help_show_their_own_fields_only(command, field):
-    out = run_cli(command, "--help").stdout
+def test_merge_and_chat_help_show_their_own_fields_only(cli_here, command, field):
+    out = cli_here(command, "--help").stdout
     assert f"qlora-lab {command} run=" in out and field in out and "adapter:" not in out and "trainer" not in out
 
 
@@ -61,11 +60,18 @@ def test_train_writes_a_complete_run_dir(tmp_path):
     assert json.loads((run / "environment.json").read_text())["allocator"] == allocator.resolve("auto")
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
+@pytest.mark.integration  # a CLI process (imports + Hydra: ~7 s): the hub kept offline as a user's would be
+def test_a_hub_id_that_cannot_be_loaded_fails_clearly_in_a_real_process(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train", *TINY_CLI, "model.name_or_path=no-such-org/no-such-model", f"hydra.run.dir={run}")
+    assert_clean_failure(proc, "error:", "could not load model.name_or_path='no-such-org/no-such-model'",
+                         "Fix: check the hub id")
+    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+
+
+# The bad-input tests below run the CLI's main in this process (conftest.cli_here): the same path, no import cost.
 @pytest.mark.parametrize("args, needles", [
     (["model.name_or_path=/no/such/model"], ["model.name_or_path='/no/such/model'", "no such folder"]),
-    (["model.name_or_path=no-such-org/no-such-model"], ["could not load model.name_or_path='no-such-org/no-such-model'",
-                                                        "Fix: check the hub id"]),
     (["data=file", f"data.path={DATA}/missing.jsonl"], ["missing.jsonl", "file not found"]),
     (["data=file"], ["data.path is required"]),
     (["adapter.r=0", "quant.method=nf5"], ["2 problem(s)", "adapter.r=0", "Did you mean 'nf4'"]),
@@ -76,54 +82,49 @@ def test_train_writes_a_complete_run_dir(tmp_path):
       "trainer.learning_rte: no such setting in trainer", "Did you mean trainer.learning_rate?",
       "model._target_: no such setting in model"]),
 ])
-def test_config_errors(tmp_path, args, needles):
+def test_config_errors(cli_here, tmp_path, args, needles):
     run = tmp_path / "run"
-    assert_clean_failure(run_cli("train", *TINY_CLI, *args, f"hydra.run.dir={run}"), "error:", *needles)
+    assert_clean_failure(cli_here("train", *TINY_CLI, *args, f"hydra.run.dir={run}"), "error:", *needles)
     assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("file, needles", [
     ("malformed.jsonl", ["malformed.jsonl:3: malformed JSON"]),
     ("wrong_columns.jsonl", ["cannot tell the data format", "['answer', 'question']", "data.columns"]),
 ])
-def test_data_errors(tmp_path, file, needles):
+def test_data_errors(cli_here, tmp_path, file, needles):
     run = tmp_path / "run"
-    assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / file}",
+    assert_clean_failure(cli_here("train", *TINY_CLI, "data=file", f"data.path={DATA / file}",
                                  f"hydra.run.dir={run}"), *needles)
     assert not (run / "metrics.json").exists()
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("override, needles", [
     ("trainer.max_steps=abc", ["trainer.max_steps=abc", "could not be converted to Integer"]),
     ("adapter=lorra", ["lorra", "Available options"]),
 ])
-def test_bad_overrides(tmp_path, override, needles):
-    assert_clean_failure(run_cli("train", override, f"hydra.run.dir={tmp_path}/run"), *needles, code=1)
+def test_bad_overrides(cli_here, tmp_path, override, needles):
+    assert_clean_failure(cli_here("train", override, f"hydra.run.dir={tmp_path}/run"), *needles, code=1)
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("earlier, needle", [("completed", "holds a completed run"), ("preempted", "malformed")])
-def test_a_failed_rerun_keeps_the_earlier_results(tmp_path, earlier, needle):
+def test_a_failed_rerun_keeps_the_earlier_results(cli_here, tmp_path, earlier, needle):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(f'{{"status": "{earlier}", "global_step": 7}}')
-    assert_clean_failure(run_cli("train", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}",
-                                 f"hydra.run.dir={run}"), needle)
+    assert_clean_failure(cli_here("train", *TINY_CLI, "data=file", f"data.path={DATA / 'malformed.jsonl'}",
+                                  f"hydra.run.dir={run}"), needle)
     assert json.loads((run / "metrics.json").read_text()) == {"status": earlier, "global_step": 7}
     assert not (run / "environment.json").exists() or earlier != "completed"
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
-def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
-    assert_clean_failure(run_cli("merge", f"run={tmp_path}/nope"), "no such run directory")
-    assert_clean_failure(run_cli("merge"), "run is required: add run=... to the command")
-    assert_clean_failure(run_cli("chat", f"run={tmp_path}/nope", "prompt=hi"), "neither a run directory")
+def test_merge_and_chat_of_a_missing_run_fail_clearly(cli_here, tmp_path):
+    assert_clean_failure(cli_here("merge", f"run={tmp_path}/nope"), "no such run directory")
+    assert_clean_failure(cli_here("merge"), "run is required: add run=... to the command")
+    assert_clean_failure(cli_here("chat", f"run={tmp_path}/nope", "prompt=hi"), "neither a run directory")
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.integration  # a CLI process each (imports + Hydra: ~7 s)
 @pytest.mark.parametrize("setup, args, needles", [
     ("json", ["data=file"], ["malformed JSON"]),
     ("txt", ["data=file"], ["unsupported file type '.txt'"]),
@@ -135,7 +136,7 @@ def test_merge_and_chat_of_a_missing_run_fail_clearly(tmp_path):
     (None, ["adapter=full"], ["adapter=full with quant.method=nf4"]),
     (None, ["trainer.fp16=true", "trainer.bf16=true"], ["choose one"]),
 ])
-def test_more_bad_inputs(tmp_path, setup, args, needles):
+def test_more_bad_inputs(cli_here, tmp_path, setup, args, needles):
     run = "/proc/qlora-lab-test-run" if setup == "readonly_run_dir" else tmp_path / "run"  # Hydra would mkdir it
     extra = list(args)
     if setup == "json":
@@ -149,7 +150,7 @@ def test_more_bad_inputs(tmp_path, setup, args, needles):
         extra.append(f"model.name_or_path={tmp_path / 'model'}")
     elif setup == "readonly":  # /proc refuses new entries even to root
         extra.append("output_dir=/proc/qlora-lab-test-run")
-    assert_clean_failure(run_cli("train", *TINY_CLI, *extra, f"hydra.run.dir={run}"), *needles)
+    assert_clean_failure(cli_here("train", *TINY_CLI, *extra, f"hydra.run.dir={run}"), *needles)
 
 
 def test_a_sweeper_storage_optuna_cannot_open_is_refused_up_front(monkeypatch):
