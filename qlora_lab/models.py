@@ -88,12 +88,20 @@ def resolve_model_path(name_or_path: str) -> str:
 def _cached(name: str, build) -> Path:
     """Return cache_root()/name, building it with ``build(folder)`` first; the folder appears only when complete."""
     final = cache_root() / name
-    if not final.is_dir():
-        started = time.perf_counter()
-        with atomic_dir(final) as tmp:
-            build(tmp)
-        log.info("Built the %s model in %.1f s, once: later runs load it from %s", name, time.perf_counter() - started,
-                 final)
+    if final.is_dir():
+        return final
+    from filelock import FileLock  # huggingface_hub's own dependency; the lock its downloads take
+
+    # one builder at a time: the ranks of a first torchrun (or the jobs of a first sweep) on a fresh machine wait
+    # for the first one's folder instead of each building it and swapping it from under the others' readers
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final.parent / f".{name}.lock"):
+        if not final.is_dir():
+            started = time.perf_counter()
+            with atomic_dir(final) as tmp:
+                build(tmp)
+            log.info("Built the %s model in %.1f s, once: later runs load it from %s", name,
+                     time.perf_counter() - started, final)
     return final
 
 

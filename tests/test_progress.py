@@ -41,6 +41,33 @@ def test_a_built_in_model_built_once_says_how_long_it_took(tmp_path, monkeypatch
                                            rf"{re.escape(str(tmp_path / 'toy'))}", logs[0])
 
 
+def test_processes_building_the_same_model_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two ranks of a first torchrun on a fresh machine: one builds, the other waits and reads the finished folder
+    (without the lock both built it and the second swapped the folder out from under the first's reader)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("QLORA_LAB_CACHE", str(tmp_path))
+    builds, seen = [], []
+
+    def build(out):
+        builds.append(out)
+        time.sleep(0.5)
+        (out / "config.json").write_text("{}")
+
+    def rank():
+        folder = models._cached("toy", build)
+        seen.append((folder / "config.json").read_text())
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and seen == ["{}", "{}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".toy.lock", "toy"]  # no temporary folder left
+
+
 def test_hashing_a_large_data_file_draws_a_bar(tmp_path, monkeypatch):
     drawn = []
     real = progress.bar
