@@ -32,8 +32,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qlora-lab train
 
+# pytest-xdist: a worker per core (at most 4: each holds a model or starts 2-rank runs), whole files per worker
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses=4 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not e2e"

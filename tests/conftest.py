@@ -20,7 +20,12 @@ from qlora_lab.validate import appendable_overrides
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # prepared data of the tests' runs: a fresh cache per test session (the model cache stays shared)
 os.environ["QLORA_LAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="qlora-lab-data-cache-")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs the suite in pytest-xdist workers (one per core, up to 4): each worker, and the CLI and rank
+# processes it starts, gets its share of the cores, not all of them each (oversubscribed OpenMP threads spin)
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
 register_configs()
 
 # Small but real training settings for the tiny random model: seconds per run.
@@ -110,7 +115,15 @@ def cli_here(capfd, monkeypatch):
     return run
 
 
+# The longest files first (2-core CPU, seconds alone): xdist's --dist loadfile hands each worker a whole file as it
+# frees up, so a long file started last would be the run's tail.
+LONGEST_FIRST = ("test_export.py", "test_scaleout.py", "test_e2e.py", "test_bench.py", "test_sweeps.py",
+                 "test_distributed.py", "test_objectives.py", "test_reliability.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
