@@ -344,36 +344,7 @@ def build_model(model_cfg: DictConfig, quant_cfg: DictConfig, path: str, dtype: 
         raise _load_error(model_cfg, e) from None
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     _disable_cpu_inference_repacking(model)
-    if qconf is not None and not torch.cuda.is_available():
-        _release_checkpoint_mapping(model)
     return model
-
-
-def _release_checkpoint_mapping(model) -> None:
-    """Give the 16-bit tensors a quantized CPU model keeps (embeddings, norms, quant.skip_modules) memory of their own.
-
-    transformers loads safetensors memory-mapped and leaves those tensors viewing the file; while one does, the whole
-    mapping stays, with every page quantization read resident: on SmolLM2-135M 214 MiB of file-backed RSS beside
-    67 MiB of anonymous memory after a 4-bit load (benchmarks/cpu_rss_breakdown.py). The pages are clean and
-    reclaimable, but RSS counts them, and so does a CPU memory budget. Copying the tensors (the embedding: 54 MiB
-    there) lets the mapping go. On a GPU the tensors are copied to the device when loaded and nothing maps the file.
-    """
-    quantized = tuple(_quantized_param_types())
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.device.type == "cpu" and not isinstance(param, quantized):
-                param.data = param.data.clone()  # the same Parameter object: tied weights stay tied
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and buf.device.type == "cpu":
-                module._buffers[name] = buf.clone()
-
-
-def _quantized_param_types() -> list[type]:
-    try:
-        from bitsandbytes.nn import Int8Params, Params4bit
-    except ImportError:
-        return []
-    return [Params4bit, Int8Params]
 
 
 # bitsandbytes 0.50.2 on CPUs with AVX512-BF16: the first forward of a Linear4bit in eval mode without grad

@@ -209,26 +209,3 @@ def test_on_a_gpu_offloading_moves_activations_to_the_host_and_the_budget_cap_ra
             torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-
-
-@pytest.mark.integration  # loads the embedded model (bf16 on disk, as hub checkpoints are; nothing of the tiny model
-# was left viewing its file either way, measured)
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tensors are copied to the device when loaded")
-@pytest.mark.parametrize("quant, released", [("nf4", True), ("none", False)])
-def test_a_quantized_cpu_model_keeps_no_mapping_of_its_checkpoint(quant, released):
-    """transformers loads safetensors memory-mapped; the 16-bit tensors a 4-bit model keeps (embedding, norms) viewed
-    the file, so the mapping stayed with every page quantization read resident (SmolLM2: 214 MiB of RSS). A 4-bit CPU
-    model gets copies and no mapping is left; a 16-bit model's weights are the mapped pages, left as they are."""
-    from pathlib import Path
-
-    from qlora_lab import models
-
-    cfg = compose_train(["model=smollm2-135m", f"quant.method={quant}"])
-    path = models.resolve_model_path(cfg.model.name_or_path)
-    files = {str(p.resolve()) for p in Path(path).glob("*.safetensors")}
-    model = models.build_model(cfg.model, cfg.quant, path)
-    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.split()[-1] in files]
-    assert (not mapped) == released, mapped
-    embed = model.get_input_embeddings().weight
-    assert embed is model.get_output_embeddings().weight  # still tied: the same Parameter, one copy
-    del model
