@@ -7,7 +7,8 @@ Why: on CPU, `qlora-lab bench` and the budget planner read peak RSS above the im
 (qlora_lab/estimate.py) counts the model's tensors only. transformers loads safetensors memory-mapped; the pages a
 load reads stay mapped (and counted in RSS) while any tensor still views the file. Those pages are clean and the
 kernel can drop them under pressure, so RSS overstates what the process holds. This prints each part after the
-imports, after a 4-bit load (the qlora recipe) and after a 16-bit load (the lora recipe), each in a fresh process.
+imports, after a 4-bit load (every linear layer in nf4 with double quantization, as bench's plain recipe loads it;
+qlora-lab's own small-model rule would keep down_proj in 16-bit) and after a 16-bit load, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import subprocess
 import sys
 from pathlib import Path
